@@ -138,7 +138,10 @@ mod tests {
             (br#"{"cniVersion":"1.0.0","type":"t"}"#, 7),
             (br#"{"cniVersion":"1.0.0","name":"../etc","type":"t"}"#, 7),
             (br#"{"cniVersion":"1.0.0","name":"n"}"#, 7),
-            (br#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{"ips":7}}"#, 6),
+            (
+                br#"{"cniVersion":"1.0.0","name":"n","type":"t","prevResult":{"ips":7}}"#,
+                6,
+            ),
         ];
         for (input, code) in cases {
             let got = NetConf::parse(input).unwrap_err().code;

@@ -115,7 +115,10 @@ impl CniEnv {
 
 fn require(name: &str, value: &str) -> CniResult<()> {
     if value.is_empty() {
-        Err(CniError::new(Code::InvalidEnv, format!("{name} is missing")))
+        Err(CniError::new(
+            Code::InvalidEnv,
+            format!("{name} is missing"),
+        ))
     } else {
         Ok(())
     }
@@ -172,7 +175,10 @@ pub fn validate_ifname(name: &str) -> CniResult<()> {
     if name == "." || name == ".." {
         return bad("reserved name");
     }
-    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         return bad("contains '/', ':' or whitespace");
     }
     Ok(())

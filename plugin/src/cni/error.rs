@@ -21,6 +21,8 @@ pub enum Code {
     IpamExhausted = 101,
     /// A delegated plugin (IPAM exec) failed without a CNI error.
     Delegate = 102,
+    /// CHECK found the attachment differs from prevResult.
+    CheckFailed = 103,
 }
 
 /// An error a CNI verb returns. `msg` is short; `details` carries the cause.

@@ -119,14 +119,23 @@ impl CniOutput {
         let mut v = serde_json::to_value(self).expect("result serializes");
         let obj = v.as_object_mut().expect("result is an object");
         if version.ips_carry_version() {
-            for ip in obj.get_mut("ips").and_then(Value::as_array_mut).into_iter().flatten() {
+            for ip in obj
+                .get_mut("ips")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
                 let four = ip["address"].as_str().is_some_and(|a| !a.contains(':'));
                 ip["version"] = Value::from(if four { "4" } else { "6" });
             }
         }
         if !version.has_1_1_fields() {
             strip(obj, "interfaces", &["mtu", "socketPath", "pciID"]);
-            strip(obj, "routes", &["mtu", "advmss", "priority", "table", "scope"]);
+            strip(
+                obj,
+                "routes",
+                &["mtu", "advmss", "priority", "table", "scope"],
+            );
         }
         let mut out = Map::new();
         out.insert("cniVersion".into(), Value::from(version.as_str()));
@@ -140,7 +149,12 @@ impl CniOutput {
 }
 
 fn strip(obj: &mut Map<String, Value>, list: &str, keys: &[&str]) {
-    for item in obj.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+    for item in obj
+        .get_mut(list)
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
         if let Some(item) = item.as_object_mut() {
             for k in keys {
                 item.remove(*k);
@@ -176,7 +190,10 @@ mod tests {
             ],
             routes: vec![Route {
                 mtu: Some(1400),
-                ..Route::new("0.0.0.0/0".parse().unwrap(), Some("10.1.0.1".parse().unwrap()))
+                ..Route::new(
+                    "0.0.0.0/0".parse().unwrap(),
+                    Some("10.1.0.1".parse().unwrap()),
+                )
             }],
             dns: Dns::default(),
         }
@@ -209,7 +226,12 @@ mod tests {
 
     #[test]
     fn round_trips_through_every_version() {
-        for ver in [Version::V0_3_0, Version::V0_4_0, Version::V1_0_0, Version::V1_1_0] {
+        for ver in [
+            Version::V0_3_0,
+            Version::V0_4_0,
+            Version::V1_0_0,
+            Version::V1_1_0,
+        ] {
             let parsed = CniOutput::from_slice(sample().to_json(ver).as_bytes()).unwrap();
             assert_eq!(parsed.ips, sample().ips);
         }
@@ -218,6 +240,11 @@ mod tests {
     #[test]
     fn garbage_is_a_decode_error() {
         assert_eq!(CniOutput::from_slice(b"{").unwrap_err().code, 6);
-        assert_eq!(CniOutput::from_slice(br#"{"ips":[{"address":"x"}]}"#).unwrap_err().code, 6);
+        assert_eq!(
+            CniOutput::from_slice(br#"{"ips":[{"address":"x"}]}"#)
+                .unwrap_err()
+                .code,
+            6
+        );
     }
 }
