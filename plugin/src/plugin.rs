@@ -231,9 +231,9 @@ impl Ctx<'_> {
     fn teardown(&self, nl: &mut Netlink, container_id: &str, ifname: &str) -> CniResult<()> {
         let store = self.store();
         let record = store.load(container_id, ifname)?;
-        let host_veth = attachment::host_veth_name(&self.conf.name, container_id, ifname);
-        pod::delete_link(nl, &host_veth)?;
         let key = attachment::key(&self.conf.name, container_id, ifname);
+        // Masquerade first: the link delete below hands the nftables
+        // socket's slow close to its child (see delete_link_detached).
         match &record {
             Some(rec) if rec.ip_masq => nft::del_masq(&self.masq_entries(&key, &rec.ips)),
             // No record (a crash before it was written, or data lost):
@@ -242,7 +242,8 @@ impl Ctx<'_> {
             _ => Ok(()),
         }
         .map_err(|e| nft_error("cannot remove masquerade", e))?;
-        Ok(())
+        let host_veth = attachment::host_veth_name(&self.conf.name, container_id, ifname);
+        pod::delete_link_detached(nl, &host_veth)
     }
 
     fn del(&self) -> CniResult<()> {

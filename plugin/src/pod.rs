@@ -296,6 +296,82 @@ pub fn delete_link(nl: &mut Netlink, name: &str) -> CniResult<()> {
     }
 }
 
+/// Delete a link and return as soon as it is gone from the namespace.
+///
+/// The kernel unlists a deleted device within microseconds but then, still
+/// inside the deleting task's syscall, waits for an RCU barrier before it
+/// frees it: 10-40 ms here, most of a DEL. A forked child issues the delete
+/// and pays that wait; we poll until the name is gone (or the child reports
+/// an error) and return. The child holds no stdio, so a runtime reading our
+/// stdout to EOF does not wait for it, and it inherits the nftables socket,
+/// so the kernel's flush on that socket's close lands on it too.
+pub fn delete_link_detached(nl: &mut Netlink, name: &str) -> CniResult<()> {
+    use nix::unistd::{fork, pipe2, ForkResult};
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    if nl.link_by_name(name).map_err(|e| kernel_error("link lookup", e))?.is_none() {
+        return Ok(());
+    }
+    let (read_end, write_end) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| CniError::new(Code::Io, "pipe").with_details(e))?;
+    // SAFETY: the plugin is single-threaded, so the child may allocate and
+    // make syscalls; it leaves with _exit and never returns into our code.
+    match unsafe { fork() } {
+        Err(_) => delete_link(nl, name),
+        Ok(ForkResult::Child) => {
+            let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+            if let Ok(null) = &null {
+                for fd in 0..=2 {
+                    // SAFETY: dup2 onto the standard descriptors only.
+                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                }
+            }
+            let errno = match Netlink::open().and_then(|mut own| own.del_link_by_name(name)) {
+                Ok(()) => 0,
+                Err(e) => e.errno().map_or(libc::EIO, |e| e as i32),
+            };
+            let _ = nix::unistd::write(&write_end, &errno.to_le_bytes());
+            // SAFETY: terminate the child without running the parent's exit path.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            drop(write_end);
+            let mut report = std::fs::File::from(read_end);
+            nix::fcntl::fcntl(
+                &report,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .map_err(|e| CniError::new(Code::Io, "pipe").with_details(e))?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let mut buf = [0u8; 4];
+                match report.read(&mut buf) {
+                    Ok(4) => {
+                        return match Errno::from_raw(i32::from_le_bytes(buf)) {
+                            Errno::UnknownErrno | Errno::ENODEV | Errno::ENOENT => Ok(()),
+                            errno => Err(kernel_error(
+                                &format!("cannot delete {name}"),
+                                NlError::Kernel { op: "delete link", errno },
+                            )),
+                        };
+                    }
+                    // The child died without a word: do it ourselves.
+                    Ok(_) => return delete_link(nl, name),
+                    Err(_) => {}
+                }
+                if nl.link_by_name(name).map_err(|e| kernel_error("link lookup", e))?.is_none() {
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(CniError::new(Code::TryAgainLater, format!("{name} is still being deleted")));
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
