@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install what ferry's demo, tests and benchmarks use, from Debian's packages,
+# when it is missing. Sourced by scripts/test.sh and scripts/demo*.sh.
+ferry_install_deps() {
+  local need=()
+  command -v ip >/dev/null || need+=(iproute2)
+  command -v nft >/dev/null || need+=(nftables)
+  command -v ping >/dev/null || need+=(iputils-ping)
+  command -v iperf3 >/dev/null || need+=(iperf3)
+  command -v conntrack >/dev/null || need+=(conntrack)
+  command -v iptables >/dev/null || need+=(iptables)
+  command -v etcd >/dev/null || need+=(etcd-server)
+  command -v protoc >/dev/null || need+=(protobuf-compiler)
+  [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "==> installing ${need[*]}"
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "need root to install packages (and to make network namespaces)" >&2
+      return 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
