@@ -1,0 +1,519 @@
+//! Command line and config file. Every `run` flag can also be set in a JSON
+//! config file (`--config`, keys spelled like the flags) or through an
+//! environment variable `FERRYD_<FLAG>`; the command line wins over the
+//! environment, which wins over the file, which wins over the defaults.
+//!
+//! `Settings::resolve` is pure: it validates everything before ferryd
+//! touches the store or the kernel.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferryd",
+    version,
+    about = "ferry node daemon: pod subnets, VXLAN overlay, egress masquerade"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the node daemon.
+    Run(Box<RunArgs>),
+    /// Mark a node as gone: peers remove its routes at once; its subnet
+    /// stays reserved until its lease expires.
+    Leave(LeaveArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LeaveArgs {
+    /// Node to remove (default: this host's name).
+    #[arg(long, env = "FERRYD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// `file:DIR` or `etcd:URL[,URL...]`.
+    #[arg(long, env = "FERRYD_STORE")]
+    pub store: Option<String>,
+    #[arg(long, env = "FERRYD_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// Read node name and store from this config file.
+    #[arg(long, env = "FERRYD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Flags of `ferryd run`. All optional here so that the command line, the
+/// environment and the config file can be layered; defaults come last.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunArgs {
+    /// JSON config file with any of these flags as keys.
+    #[arg(long, env = "FERRYD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's name in the store [default: the host name].
+    #[arg(long, env = "FERRYD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Underlay interface; its first IPv4 address is the VTEP address.
+    #[arg(long, env = "FERRYD_UNDERLAY_IFACE")]
+    pub underlay_iface: Option<String>,
+    /// Underlay address (instead of, or to pick one of, the interface's).
+    #[arg(long, env = "FERRYD_UNDERLAY_IP")]
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The pod network of the whole cluster [default: 10.244.0.0/16].
+    #[arg(long, env = "FERRYD_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<Ipv4Network>,
+    /// Prefix length of each node's pod subnet [default: 24].
+    #[arg(long, env = "FERRYD_SUBNET_LEN")]
+    pub subnet_len: Option<u8>,
+    /// Cluster state: `file:DIR` or `etcd:URL[,URL...]` [default: file:/var/lib/ferry/store].
+    #[arg(long, env = "FERRYD_STORE")]
+    pub store: Option<String>,
+    /// Key prefix in etcd [default: /ferry].
+    #[arg(long, env = "FERRYD_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// Where the CNI conflist is written [default: /etc/cni/net.d].
+    #[arg(long, env = "FERRYD_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where `ferry` and `ferry-ipam` are installed [default: /opt/cni/bin].
+    #[arg(long, env = "FERRYD_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The plugin's `dataDir` [default: /var/lib/cni/ferry].
+    #[arg(long, env = "FERRYD_CNI_DATA_DIR")]
+    pub cni_data_dir: Option<PathBuf>,
+    /// `ipam.dataDir` of ferry-ipam [default: /var/lib/cni/networks].
+    #[arg(long, env = "FERRYD_IPAM_DATA_DIR")]
+    pub ipam_data_dir: Option<PathBuf>,
+    /// CNI network name [default: ferry].
+    #[arg(long, env = "FERRYD_NETWORK_NAME")]
+    pub network_name: Option<String>,
+    /// Node bridge the pods attach to [default: ferry0].
+    #[arg(long, env = "FERRYD_BRIDGE")]
+    pub bridge: Option<String>,
+    /// VXLAN network identifier; the device is `ferry.<vni>` [default: 1].
+    #[arg(long, env = "FERRYD_VNI")]
+    pub vni: Option<u32>,
+    /// VXLAN UDP port [default: 8472].
+    #[arg(long, env = "FERRYD_VXLAN_PORT")]
+    pub vxlan_port: Option<u16>,
+    /// Pod and VXLAN MTU [default: underlay MTU - 50].
+    #[arg(long, env = "FERRYD_MTU")]
+    pub mtu: Option<u32>,
+    /// Peers on the same L2 segment get a plain route, no encapsulation.
+    #[arg(long, env = "FERRYD_DIRECT_ROUTING", num_args = 0..=1, default_missing_value = "true")]
+    pub direct_routing: Option<bool>,
+    /// Masquerade pod traffic leaving the cluster CIDR [default: true].
+    #[arg(long, env = "FERRYD_MASQUERADE", num_args = 0..=1, default_missing_value = "true")]
+    pub masquerade: Option<bool>,
+    /// Address for /healthz, /readyz and /metrics, or `off` [default: 127.0.0.1:9475].
+    #[arg(long, env = "FERRYD_LISTEN")]
+    pub listen: Option<String>,
+    /// Runtime directory; holds the readiness file `ready` [default: /run/ferry].
+    #[arg(long, env = "FERRYD_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Full reconcile period, e.g. `10s`, `500ms` [default: 10s].
+    #[arg(long, env = "FERRYD_RECONCILE_INTERVAL")]
+    pub reconcile_interval: Option<String>,
+    /// Lifetime of this node's subnet lease without renewal, e.g. `24h` [default: 24h].
+    #[arg(long, env = "FERRYD_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
+    /// error, warn, info, debug or trace [default: info].
+    #[arg(long, env = "FERRYD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+macro_rules! layer {
+    ($hi:expr, $lo:expr, $($f:ident),*) => {
+        RunArgs { config: $hi.config.take(), $($f: $hi.$f.take().or($lo.$f.take())),* }
+    };
+}
+
+impl RunArgs {
+    /// Fills flags not given on the command line from the config file.
+    pub fn with_config_file(mut self) -> Result<RunArgs, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        let mut file: RunArgs = serde_json::from_str(&text)
+            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+        Ok(layer!(
+            self, file, node_name, underlay_iface, underlay_ip, cluster_cidr, subnet_len, store,
+            etcd_prefix, cni_conf_dir, cni_bin_dir, cni_data_dir, ipam_data_dir, network_name,
+            bridge, vni, vxlan_port, mtu, direct_routing, masquerade, listen, run_dir,
+            reconcile_interval, lease_ttl, log_level
+        ))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    File(PathBuf),
+    Etcd(Vec<String>),
+}
+
+impl StoreSpec {
+    pub fn parse(s: &str) -> Result<StoreSpec, ConfigError> {
+        if let Some(dir) = s.strip_prefix("file:") {
+            if dir.is_empty() || !Path::new(dir).is_absolute() {
+                return Err(bad(format!(
+                    "--store {s:?}: the file store needs an absolute directory, e.g. file:/var/lib/ferry/store"
+                )));
+            }
+            return Ok(StoreSpec::File(dir.into()));
+        }
+        if let Some(urls) = s.strip_prefix("etcd:") {
+            let urls: Vec<String> = urls
+                .split(',')
+                .filter(|u| !u.is_empty())
+                .map(|u| {
+                    if u.contains("://") {
+                        u.to_string()
+                    } else {
+                        format!("http://{u}")
+                    }
+                })
+                .collect();
+            if urls.is_empty() {
+                return Err(bad(format!("--store {s:?}: no etcd endpoint given, e.g. etcd:http://127.0.0.1:2379")));
+            }
+            if let Some(u) = urls.iter().find(|u| !u.starts_with("http://")) {
+                return Err(bad(format!("--store: etcd endpoint {u:?}: only http:// is supported")));
+            }
+            return Ok(StoreSpec::Etcd(urls));
+        }
+        Err(bad(format!(
+            "--store {s:?}: expected file:DIR or etcd:URL[,URL...]"
+        )))
+    }
+}
+
+/// Parses `500ms`, `10s`, `5m`, `24h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| bad(format!("bad duration {s:?} (e.g. 500ms, 10s, 5m, 24h)")))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad(format!("bad duration unit in {s:?} (ms, s, m, h)"))),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(bad(format!("duration {s:?} must be positive")));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnderlaySpec {
+    /// The interface of the default route.
+    Auto,
+    Iface(String),
+    Ip(Ipv4Addr),
+    Both(String, Ipv4Addr),
+}
+
+/// Validated settings of `ferryd run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub node_name: String,
+    pub underlay: UnderlaySpec,
+    pub cluster_cidr: Ipv4Network,
+    pub subnet_len: u8,
+    pub store: StoreSpec,
+    pub etcd_prefix: String,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub cni_data_dir: PathBuf,
+    pub ipam_data_dir: PathBuf,
+    pub network_name: String,
+    pub bridge: String,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub mtu: Option<u32>,
+    pub direct_routing: bool,
+    pub masquerade: bool,
+    pub listen: Option<SocketAddr>,
+    pub run_dir: PathBuf,
+    pub reconcile_interval: Duration,
+    pub lease_ttl: Duration,
+    pub log_level: tracing::Level,
+}
+
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+fn abs_dir(flag: &str, p: Option<PathBuf>, default: &str) -> Result<PathBuf, ConfigError> {
+    let p = p.unwrap_or_else(|| default.into());
+    if !p.is_absolute() {
+        return Err(bad(format!("--{flag} {}: must be an absolute path", p.display())));
+    }
+    Ok(p)
+}
+
+pub fn default_node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+impl Settings {
+    /// Validates the layered flags; `hostname` is the default node name.
+    pub fn resolve(a: RunArgs, hostname: &str) -> Result<Settings, ConfigError> {
+        let node_name = a.node_name.unwrap_or_else(|| hostname.to_string());
+        if !valid_name(&node_name) {
+            return Err(bad(format!(
+                "--node-name {node_name:?}: must be 1-253 characters of [A-Za-z0-9._-], starting with a letter or digit"
+            )));
+        }
+        let underlay = match (a.underlay_iface, a.underlay_ip) {
+            (None, None) => UnderlaySpec::Auto,
+            (Some(i), ip) => {
+                if !valid_ifname(&i) {
+                    return Err(bad(format!("--underlay-iface {i:?}: not a valid interface name")));
+                }
+                match ip {
+                    Some(ip) => UnderlaySpec::Both(i, ip),
+                    None => UnderlaySpec::Iface(i),
+                }
+            }
+            (None, Some(ip)) => UnderlaySpec::Ip(ip),
+        };
+        let cluster_cidr = a
+            .cluster_cidr
+            .unwrap_or_else(|| "10.244.0.0/16".parse().expect("valid"));
+        if cluster_cidr.ip() != cluster_cidr.network() {
+            return Err(bad(format!(
+                "--cluster-cidr {cluster_cidr}: host bits set (did you mean {}/{}?)",
+                cluster_cidr.network(),
+                cluster_cidr.prefix()
+            )));
+        }
+        let subnet_len = a.subnet_len.unwrap_or(24);
+        if subnet_len < cluster_cidr.prefix() || subnet_len > 30 {
+            return Err(bad(format!(
+                "--subnet-len {subnet_len}: must be between the cluster prefix /{} and /30",
+                cluster_cidr.prefix()
+            )));
+        }
+        let store = StoreSpec::parse(a.store.as_deref().unwrap_or("file:/var/lib/ferry/store"))?;
+        let etcd_prefix = a.etcd_prefix.unwrap_or_else(|| "/ferry".into());
+        if !etcd_prefix.starts_with('/') {
+            return Err(bad(format!("--etcd-prefix {etcd_prefix:?}: must start with /")));
+        }
+        let network_name = a.network_name.unwrap_or_else(|| "ferry".into());
+        if !valid_name(&network_name) {
+            return Err(bad(format!("--network-name {network_name:?}: invalid CNI network name")));
+        }
+        let bridge = a.bridge.unwrap_or_else(|| "ferry0".into());
+        if !valid_ifname(&bridge) {
+            return Err(bad(format!("--bridge {bridge:?}: not a valid interface name")));
+        }
+        let vni = a.vni.unwrap_or(1);
+        if vni == 0 || vni >= 1 << 24 {
+            return Err(bad(format!("--vni {vni}: must be 1..16777215")));
+        }
+        let vxlan_port = a.vxlan_port.unwrap_or(8472);
+        if vxlan_port == 0 {
+            return Err(bad("--vxlan-port must not be 0"));
+        }
+        if let Some(mtu) = a.mtu {
+            if !(576..=65485).contains(&mtu) {
+                return Err(bad(format!("--mtu {mtu}: must be 576..65485")));
+            }
+        }
+        let listen = match a.listen.as_deref().unwrap_or("127.0.0.1:9475") {
+            "off" | "none" | "" => None,
+            s => Some(
+                s.parse()
+                    .map_err(|_| bad(format!("--listen {s:?}: expected ADDRESS:PORT or off")))?,
+            ),
+        };
+        let reconcile_interval = parse_duration(a.reconcile_interval.as_deref().unwrap_or("10s"))
+            .map_err(|e| bad(format!("--reconcile-interval: {e}")))?;
+        let lease_ttl = parse_duration(a.lease_ttl.as_deref().unwrap_or("24h"))
+            .map_err(|e| bad(format!("--lease-ttl: {e}")))?;
+        if lease_ttl < Duration::from_secs(5) {
+            return Err(bad("--lease-ttl must be at least 5s"));
+        }
+        let log_level = match a.log_level.as_deref().unwrap_or("info") {
+            "error" => tracing::Level::ERROR,
+            "warn" => tracing::Level::WARN,
+            "info" => tracing::Level::INFO,
+            "debug" => tracing::Level::DEBUG,
+            "trace" => tracing::Level::TRACE,
+            l => return Err(bad(format!("--log-level {l:?}: error, warn, info, debug or trace"))),
+        };
+        Ok(Settings {
+            node_name,
+            underlay,
+            cluster_cidr,
+            subnet_len,
+            store,
+            etcd_prefix,
+            cni_conf_dir: abs_dir("cni-conf-dir", a.cni_conf_dir, "/etc/cni/net.d")?,
+            cni_bin_dir: abs_dir("cni-bin-dir", a.cni_bin_dir, "/opt/cni/bin")?,
+            cni_data_dir: abs_dir("cni-data-dir", a.cni_data_dir, "/var/lib/cni/ferry")?,
+            ipam_data_dir: abs_dir("ipam-data-dir", a.ipam_data_dir, "/var/lib/cni/networks")?,
+            network_name,
+            bridge,
+            vni,
+            vxlan_port,
+            mtu: a.mtu,
+            direct_routing: a.direct_routing.unwrap_or(false),
+            masquerade: a.masquerade.unwrap_or(true),
+            listen,
+            run_dir: abs_dir("run-dir", a.run_dir, "/run/ferry")?,
+            reconcile_interval,
+            lease_ttl,
+            log_level,
+        })
+    }
+
+    pub fn vxlan_device(&self) -> String {
+        format!("ferry.{}", self.vni)
+    }
+
+    pub fn ready_file(&self) -> PathBuf {
+        self.run_dir.join("ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut v = vec!["ferryd", "run"];
+        v.extend_from_slice(extra);
+        match Cli::try_parse_from(v).unwrap().cmd {
+            Cmd::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::resolve(args(&[]), "host1").unwrap();
+        assert_eq!(s.node_name, "host1");
+        assert_eq!(s.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(s.subnet_len, 24);
+        assert_eq!(s.store, StoreSpec::File("/var/lib/ferry/store".into()));
+        assert_eq!(s.vni, 1);
+        assert_eq!(s.vxlan_port, 8472);
+        assert_eq!(s.vxlan_device(), "ferry.1");
+        assert_eq!(s.listen, Some("127.0.0.1:9475".parse().unwrap()));
+        assert!(s.masquerade && !s.direct_routing);
+        assert_eq!(s.underlay, UnderlaySpec::Auto);
+        assert_eq!(s.ready_file(), PathBuf::from("/run/ferry/ready"));
+    }
+
+    #[test]
+    fn flags() {
+        let s = Settings::resolve(
+            args(&[
+                "--node-name", "n1", "--underlay-iface", "eth1", "--store",
+                "etcd:127.0.0.1:2379,http://h:1", "--direct-routing", "--vni", "42",
+                "--reconcile-interval", "500ms", "--listen", "off", "--masquerade", "false",
+            ]),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(s.node_name, "n1");
+        assert_eq!(s.underlay, UnderlaySpec::Iface("eth1".into()));
+        assert_eq!(
+            s.store,
+            StoreSpec::Etcd(vec!["http://127.0.0.1:2379".into(), "http://h:1".into()])
+        );
+        assert!(s.direct_routing && !s.masquerade);
+        assert_eq!(s.vxlan_device(), "ferry.42");
+        assert_eq!(s.reconcile_interval, Duration::from_millis(500));
+        assert_eq!(s.listen, None);
+    }
+
+    #[test]
+    fn bad_values_are_clear() {
+        let err = |a: &[&str]| Settings::resolve(args(a), "h").unwrap_err().0;
+        assert!(err(&["--store", "s3:x"]).contains("file:DIR or etcd:URL"));
+        assert!(err(&["--store", "file:rel"]).contains("absolute"));
+        assert!(err(&["--cluster-cidr", "10.244.1.0/16"]).contains("host bits"));
+        assert!(err(&["--subnet-len", "8"]).contains("--subnet-len"));
+        assert!(err(&["--vni", "0"]).contains("--vni"));
+        assert!(err(&["--node-name=-x"]).contains("--node-name"));
+        assert!(err(&["--underlay-iface", "a/b"]).contains("--underlay-iface"));
+        assert!(err(&["--reconcile-interval", "10y"]).contains("unit"));
+        assert!(err(&["--cni-conf-dir", "etc"]).contains("absolute"));
+        assert!(err(&["--mtu", "70"]).contains("--mtu"));
+        assert!(Settings::resolve(args(&[]), "").is_err(), "no hostname, no name");
+    }
+
+    #[test]
+    fn config_file_is_layered_under_flags() {
+        let dir = std::env::temp_dir().join(format!("ferryd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.json");
+        std::fs::write(
+            &f,
+            r#"{"node-name": "fromfile", "vni": 7, "cluster-cidr": "10.50.0.0/16", "direct-routing": true}"#,
+        )
+        .unwrap();
+        let a = args(&["--config", f.to_str().unwrap(), "--vni", "9"])
+            .with_config_file()
+            .unwrap();
+        let s = Settings::resolve(a, "h").unwrap();
+        assert_eq!(s.node_name, "fromfile");
+        assert_eq!(s.vni, 9);
+        assert_eq!(s.cluster_cidr.to_string(), "10.50.0.0/16");
+        assert!(s.direct_routing);
+        std::fs::write(&f, r#"{"no-such-flag": 1}"#).unwrap();
+        let e = args(&["--config", f.to_str().unwrap()]).with_config_file().unwrap_err();
+        assert!(e.0.contains("no-such-flag"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

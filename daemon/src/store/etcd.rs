@@ -1,0 +1,287 @@
+//! The etcd v3 store.
+//!
+//! ```text
+//! <prefix>/subnets/10.244.1.0-24 = {"node": ..., "subnet": ..., ...}   (attached to the node's lease)
+//! ```
+//! A subnet is reserved with a transaction that creates its key only if it
+//! does not exist (`create_revision == 0`); a node that restarts takes its
+//! own key over with a transaction on its `mod_revision`. Keys vanish when
+//! their lease expires, which frees the subnet. A watch on the prefix wakes
+//! the daemon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
+    PutOptions, Txn, TxnOp, WatchOptions,
+};
+use ipnetwork::Ipv4Network;
+use tokio::sync::{Mutex, Notify};
+
+use super::{Registration, Store, StoreError, StoreResult};
+use crate::record::{self, Allocation, NodeRecord, Reservation};
+
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+    prefix: String,
+    notify: Arc<Notify>,
+    own: Mutex<Option<Own>>,
+}
+
+struct Own {
+    subnet: Ipv4Network,
+    lease: i64,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+/// One record as read from etcd.
+struct Kv {
+    subnet: Ipv4Network,
+    record: NodeRecord,
+    lease: i64,
+    mod_revision: i64,
+}
+
+impl EtcdStore {
+    /// Connects and checks that etcd answers; starts the watch.
+    pub async fn open(endpoints: &[String], prefix: &str) -> StoreResult<EtcdStore> {
+        let joined = endpoints.join(",");
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let client = timed(&joined, "connect", Client::connect(endpoints, Some(opts))).await?;
+        let store = EtcdStore {
+            client,
+            endpoints: joined,
+            prefix: format!("{}/subnets/", prefix.trim_end_matches('/')),
+            notify: Arc::new(Notify::new()),
+            own: Mutex::new(None),
+        };
+        // Connecting is lazy: make one real request so that an unreachable
+        // etcd is an error now, not later.
+        store.list().await?;
+        store.start_watch();
+        Ok(store)
+    }
+
+    fn key(&self, subnet: Ipv4Network) -> String {
+        format!("{}{}", self.prefix, record::subnet_key(subnet))
+    }
+
+    async fn list(&self) -> StoreResult<Vec<Kv>> {
+        let mut c = self.client.clone();
+        let resp = timed(
+            &self.endpoints,
+            "list subnets",
+            c.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let Some(subnet) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(&self.prefix))
+                .and_then(record::parse_subnet_key)
+            else {
+                continue;
+            };
+            match serde_json::from_slice::<NodeRecord>(kv.value()) {
+                Ok(r) if r.subnet == subnet => out.push(Kv {
+                    subnet,
+                    record: r,
+                    lease: kv.lease(),
+                    mod_revision: kv.mod_revision(),
+                }),
+                _ => tracing::warn!(key = ?String::from_utf8_lossy(kv.key()), "ignoring unreadable record"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn start_watch(&self) {
+        let mut client = self.client.clone();
+        let prefix = self.prefix.clone();
+        let notify = self.notify.clone();
+        tokio::spawn(async move {
+            loop {
+                match client
+                    .watch(prefix.clone(), Some(WatchOptions::new().with_prefix()))
+                    .await
+                {
+                    Ok((_watcher, mut stream)) => {
+                        // A (re)started watch may have missed events.
+                        notify.notify_one();
+                        while let Ok(Some(_)) = stream.message().await {
+                            notify.notify_one();
+                        }
+                    }
+                    Err(e) => tracing::debug!("etcd watch: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn grant(&self, ttl: Duration) -> StoreResult<i64> {
+        let mut c = self.client.clone();
+        let ttl = ttl.as_secs().max(5) as i64;
+        let r = timed(&self.endpoints, "grant lease", c.lease_grant(ttl, None)).await?;
+        Ok(r.id())
+    }
+
+    async fn put_if(&self, cmp: Compare, key: String, rec: &NodeRecord, lease: i64) -> StoreResult<bool> {
+        let mut c = self.client.clone();
+        let val = serde_json::to_vec(rec).expect("serialisable");
+        let txn = Txn::new()
+            .when([cmp])
+            .and_then([TxnOp::put(key, val, Some(PutOptions::new().with_lease(lease)))]);
+        let r = timed(&self.endpoints, "reserve subnet", c.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+}
+
+async fn timed<T>(
+    endpoints: &str,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> StoreResult<T> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(source)) => Err(StoreError::Etcd {
+            endpoints: endpoints.to_string(),
+            what: what.to_string(),
+            source,
+        }),
+        Err(_) => Err(StoreError::EtcdTimeout {
+            endpoints: endpoints.to_string(),
+            what: what.to_string(),
+            secs: OP_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
+const ATTEMPTS: u32 = 32;
+
+impl Store for EtcdStore {
+    async fn register(&self, reg: &Registration) -> StoreResult<NodeRecord> {
+        let lease = self.grant(reg.ttl).await?;
+        let mut skip = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let kvs = self.list().await?;
+            let reservations: Vec<Reservation> = kvs
+                .iter()
+                .map(|kv| Reservation {
+                    subnet: kv.subnet,
+                    node: kv.record.node.clone(),
+                    expired: false, // etcd deletes expired keys itself
+                })
+                .collect();
+            let (subnet, cmp, old_lease) =
+                match record::allocate(reg.cluster, reg.subnet_len, &reg.node, &reservations, &skip)? {
+                    Allocation::Keep(s) => {
+                        let kv = kvs.iter().find(|kv| kv.subnet == s).expect("listed");
+                        let cmp = Compare::mod_revision(self.key(s), CompareOp::Equal, kv.mod_revision);
+                        (s, cmp, Some(kv.lease))
+                    }
+                    Allocation::Take(s) => {
+                        (s, Compare::create_revision(self.key(s), CompareOp::Equal, 0), None)
+                    }
+                };
+            let rec = reg.record(subnet);
+            if self.put_if(cmp, self.key(subnet), &rec, lease).await? {
+                if let Some(old) = old_lease.filter(|l| *l != 0 && *l != lease) {
+                    // The key moved to the new lease; the old one holds nothing.
+                    let mut c = self.client.clone();
+                    let _ = timed(&self.endpoints, "revoke old lease", c.lease_revoke(old)).await;
+                }
+                let mut c = self.client.clone();
+                let keeper = timed(&self.endpoints, "keep lease alive", c.lease_keep_alive(lease)).await?;
+                *self.own.lock().await = Some(Own {
+                    subnet,
+                    lease,
+                    keeper: Some(keeper),
+                });
+                return Ok(rec);
+            }
+            // Lost a race for this subnet: try the next one.
+            if old_lease.is_none() {
+                skip.push(subnet);
+            }
+        }
+        let mut c = self.client.clone();
+        let _ = c.lease_revoke(lease).await;
+        Err(StoreError::Contention(ATTEMPTS))
+    }
+
+    async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|kv| !kv.record.left)
+            .map(|kv| kv.record)
+            .collect())
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    async fn renew(&self) -> StoreResult<()> {
+        let mut own = self.own.lock().await;
+        let Some(o) = own.as_mut() else {
+            return Ok(());
+        };
+        let alive = match o.keeper.as_mut() {
+            Some((keeper, stream)) => {
+                timed(&self.endpoints, "keep lease alive", keeper.keep_alive()).await?;
+                match timed(&self.endpoints, "keep lease alive", stream.message()).await? {
+                    Some(r) => r.ttl() > 0,
+                    None => false,
+                }
+            }
+            None => false,
+        };
+        let lease = o.lease;
+        let subnet = o.subnet;
+        drop(own);
+        // Still ours and attached to our lease?
+        let kvs = self.list().await?;
+        match kvs.iter().find(|kv| kv.subnet == subnet) {
+            Some(kv) if alive && kv.lease == lease && !kv.record.left => Ok(()),
+            Some(kv) if kv.record.left => Err(StoreError::Left(kv.record.node.clone())),
+            _ => Err(StoreError::NotRegistered(String::new())),
+        }
+    }
+
+    async fn leave(&self, node: &str) -> StoreResult<()> {
+        let kvs = self.list().await?;
+        let mut found = false;
+        for kv in kvs.into_iter().filter(|kv| kv.record.node == node) {
+            found = true;
+            if kv.record.left {
+                continue;
+            }
+            let mut rec = kv.record.clone();
+            rec.left = true;
+            let cmp = Compare::mod_revision(self.key(kv.subnet), CompareOp::Equal, kv.mod_revision);
+            // Keep the lease: the subnet stays reserved until it expires.
+            self.put_if(cmp, self.key(kv.subnet), &rec, kv.lease).await?;
+        }
+        if !found {
+            return Err(StoreError::NotRegistered(node.to_string()));
+        }
+        let mut own = self.own.lock().await;
+        if let Some(o) = own.as_mut() {
+            o.keeper = None;
+        }
+        Ok(())
+    }
+}
+

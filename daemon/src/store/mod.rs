@@ -1,0 +1,92 @@
+//! Cluster state: one trait, a store per backend.
+//!
+//! Each store holds one record per allocated subnet ([`NodeRecord`]) under
+//! a lease. `register` finds or allocates this node's subnet and publishes
+//! the record; `nodes` lists the live records; `changed` resolves when the
+//! set may have changed (spurious wake-ups are fine: the daemon reconciles
+//! against the kernel anyway).
+
+pub mod etcd;
+pub mod file;
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnetwork::Ipv4Network;
+
+use crate::record::{AllocError, Mac, NodeRecord};
+
+/// What a node asks for when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub node: String,
+    pub underlay_ip: Ipv4Addr,
+    pub vtep_mac: Mac,
+    pub cluster: Ipv4Network,
+    pub subnet_len: u8,
+    pub ttl: Duration,
+}
+
+impl Registration {
+    pub fn record(&self, subnet: Ipv4Network) -> NodeRecord {
+        NodeRecord {
+            node: self.node.clone(),
+            subnet,
+            underlay_ip: self.underlay_ip,
+            vtep_mac: self.vtep_mac,
+            left: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error("file store {dir}: {what}: {source}")]
+    File {
+        dir: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("etcd {endpoints}: {what}: {source}")]
+    Etcd {
+        endpoints: String,
+        what: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd {endpoints}: {what}: timed out after {secs}s")]
+    EtcdTimeout {
+        endpoints: String,
+        what: String,
+        secs: u64,
+    },
+    #[error("could not reserve a subnet after {0} attempts (too much contention)")]
+    Contention(u32),
+    #[error("node {0:?} was marked as left in the store (ferryd leave)")]
+    Left(String),
+    #[error("node {0:?} is not registered in the store")]
+    NotRegistered(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A backend of cluster state.
+pub trait Store: Send + Sync + 'static {
+    /// Finds or allocates this node's subnet and publishes its record.
+    fn register(&self, reg: &Registration)
+        -> impl Future<Output = StoreResult<NodeRecord>> + Send;
+    /// Live records of all nodes (this one included), without those that
+    /// left or whose lease expired.
+    fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
+    /// Resolves when the records may have changed.
+    fn changed(&self) -> impl Future<Output = ()> + Send;
+    /// Keeps this node's lease alive; called about every few seconds.
+    fn renew(&self) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Marks `node` as left: it drops out of `nodes` at once; its subnet is
+    /// free again only once its lease expired.
+    fn leave(&self, node: &str) -> impl Future<Output = StoreResult<()>> + Send;
+}
