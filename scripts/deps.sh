@@ -11,6 +11,9 @@ ferry_install_deps() {
   command -v iptables >/dev/null || need+=(iptables)
   command -v etcd >/dev/null || need+=(etcd-server)
   command -v protoc >/dev/null || need+=(protobuf-compiler)
+  command -v jq >/dev/null || need+=(jq)
+  command -v sysctl >/dev/null || need+=(procps)
+  [ -x /usr/bin/python3 ] || need+=(python3)
   [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
   if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
