@@ -174,4 +174,13 @@ fn status() {
     host.cni(&Cni::bare("STATUS"), &broken).expect_code(50);
     broken["type"] = json!("ferry-ipam");
     host.cni(&Cni::bare("STATUS"), &broken).expect_code(50);
+
+    // The conflist ferryd writes names its readiness file: 50 until it exists.
+    let ready = host.root_dir().join("ferryd-ready");
+    let mut managed = conf.clone();
+    managed["ferrydReadyFile"] = json!(ready.display().to_string());
+    host.cni(&Cni::bare("STATUS"), &managed).expect_code(50);
+    std::fs::write(&ready, b"").unwrap();
+    let out = host.cni(&Cni::bare("STATUS"), &managed);
+    assert!(out.success(), "{}", out.describe());
 }

@@ -33,6 +33,9 @@ pub struct BridgeConfig {
     pub data_dir: PathBuf,
     /// Diagnostics go here instead of stderr when set.
     pub log_file: Option<PathBuf>,
+    /// Set in the conflist ferryd writes: STATUS reports "not available"
+    /// while this file is missing (ferryd not ready on this node).
+    pub ferryd_ready_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +65,8 @@ struct Raw {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     log_file: Option<PathBuf>,
+    #[serde(default)]
+    ferryd_ready_file: Option<PathBuf>,
 }
 
 /// Keys the reference bridge accepts that ferry does not implement yet, with
@@ -137,6 +142,7 @@ impl BridgeConfig {
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             log_file: raw.log_file,
+            ferryd_ready_file: raw.ferryd_ready_file,
         })
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
+use netlink_packet_route::AddressFamily;
 
 use crate::attachment::{self, Record, Store};
 use crate::bridge_config::{format_mac, BridgeConfig};
@@ -331,16 +332,18 @@ impl Ctx<'_> {
                 return fail(format!("{} is missing on {}", ip.address, link.name));
             }
         }
+        let mut routes = Vec::new();
+        if !prev.routes.is_empty() {
+            for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                routes.extend(
+                    pod_nl
+                        .routes(family)
+                        .map_err(|e| pod::kernel_error("pod routes", e))?,
+                );
+            }
+        }
         for route in &prev.routes {
             let want = pod::route_spec(route, &prev.ips, link.index);
-            let family = if route.dst.is_ipv4() {
-                netlink_packet_route::AddressFamily::Inet
-            } else {
-                netlink_packet_route::AddressFamily::Inet6
-            };
-            let routes = pod_nl
-                .routes(family)
-                .map_err(|e| pod::kernel_error("pod routes", e))?;
             if !routes
                 .iter()
                 .any(|r| r.dst == want.dst && (want.gw.is_none() || r.gw == want.gw))
@@ -356,6 +359,17 @@ impl Ctx<'_> {
 
     fn status(&self) -> CniResult<()> {
         self.require_1_1("STATUS")?;
+        if let Some(ready) = &self.bc.ferryd_ready_file {
+            if !ready.exists() {
+                return Err(CniError::new(
+                    Code::NotAvailable,
+                    format!(
+                        "ferryd is not ready on this node ({} is missing)",
+                        ready.display()
+                    ),
+                ));
+            }
+        }
         match self.bc.ipam_type.as_str() {
             "" => Ok(()),
             ipam::PLUGIN_NAME => ipam::status(self.conf),

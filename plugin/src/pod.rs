@@ -310,7 +310,11 @@ pub fn delete_link_detached(nl: &mut Netlink, name: &str) -> CniResult<()> {
     use std::io::Read;
     use std::os::fd::AsRawFd;
 
-    if nl.link_by_name(name).map_err(|e| kernel_error("link lookup", e))?.is_none() {
+    if nl
+        .link_by_name(name)
+        .map_err(|e| kernel_error("link lookup", e))?
+        .is_none()
+    {
         return Ok(());
     }
     let (read_end, write_end) = pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -320,7 +324,10 @@ pub fn delete_link_detached(nl: &mut Netlink, name: &str) -> CniResult<()> {
     match unsafe { fork() } {
         Err(_) => delete_link(nl, name),
         Ok(ForkResult::Child) => {
-            let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null");
             if let Ok(null) = &null {
                 for fd in 0..=2 {
                     // SAFETY: dup2 onto the standard descriptors only.
@@ -352,7 +359,10 @@ pub fn delete_link_detached(nl: &mut Netlink, name: &str) -> CniResult<()> {
                             Errno::UnknownErrno | Errno::ENODEV | Errno::ENOENT => Ok(()),
                             errno => Err(kernel_error(
                                 &format!("cannot delete {name}"),
-                                NlError::Kernel { op: "delete link", errno },
+                                NlError::Kernel {
+                                    op: "delete link",
+                                    errno,
+                                },
                             )),
                         };
                     }
@@ -360,11 +370,18 @@ pub fn delete_link_detached(nl: &mut Netlink, name: &str) -> CniResult<()> {
                     Ok(_) => return delete_link(nl, name),
                     Err(_) => {}
                 }
-                if nl.link_by_name(name).map_err(|e| kernel_error("link lookup", e))?.is_none() {
+                if nl
+                    .link_by_name(name)
+                    .map_err(|e| kernel_error("link lookup", e))?
+                    .is_none()
+                {
                     return Ok(());
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(CniError::new(Code::TryAgainLater, format!("{name} is still being deleted")));
+                    return Err(CniError::new(
+                        Code::TryAgainLater,
+                        format!("{name} is still being deleted"),
+                    ));
                 }
                 std::thread::sleep(std::time::Duration::from_micros(100));
             }
@@ -392,6 +409,7 @@ mod tests {
             mac: None,
             data_dir: PathBuf::from("/tmp"),
             log_file: None,
+            ferryd_ready_file: None,
         }
     }
 
