@@ -146,10 +146,31 @@ impl RunArgs {
         let mut file: RunArgs = serde_json::from_str(&text)
             .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
         Ok(layer!(
-            self, file, node_name, underlay_iface, underlay_ip, cluster_cidr, subnet_len, store,
-            etcd_prefix, cni_conf_dir, cni_bin_dir, cni_data_dir, ipam_data_dir, network_name,
-            bridge, vni, vxlan_port, mtu, direct_routing, masquerade, listen, run_dir,
-            reconcile_interval, lease_ttl, log_level
+            self,
+            file,
+            node_name,
+            underlay_iface,
+            underlay_ip,
+            cluster_cidr,
+            subnet_len,
+            store,
+            etcd_prefix,
+            cni_conf_dir,
+            cni_bin_dir,
+            cni_data_dir,
+            ipam_data_dir,
+            network_name,
+            bridge,
+            vni,
+            vxlan_port,
+            mtu,
+            direct_routing,
+            masquerade,
+            listen,
+            run_dir,
+            reconcile_interval,
+            lease_ttl,
+            log_level
         ))
     }
 }
@@ -191,10 +212,14 @@ impl StoreSpec {
                 })
                 .collect();
             if urls.is_empty() {
-                return Err(bad(format!("--store {s:?}: no etcd endpoint given, e.g. etcd:http://127.0.0.1:2379")));
+                return Err(bad(format!(
+                    "--store {s:?}: no etcd endpoint given, e.g. etcd:http://127.0.0.1:2379"
+                )));
             }
             if let Some(u) = urls.iter().find(|u| !u.starts_with("http://")) {
-                return Err(bad(format!("--store: etcd endpoint {u:?}: only http:// is supported")));
+                return Err(bad(format!(
+                    "--store: etcd endpoint {u:?}: only http:// is supported"
+                )));
             }
             return Ok(StoreSpec::Etcd(urls));
         }
@@ -282,7 +307,10 @@ fn valid_ifname(s: &str) -> bool {
 fn abs_dir(flag: &str, p: Option<PathBuf>, default: &str) -> Result<PathBuf, ConfigError> {
     let p = p.unwrap_or_else(|| default.into());
     if !p.is_absolute() {
-        return Err(bad(format!("--{flag} {}: must be an absolute path", p.display())));
+        return Err(bad(format!(
+            "--{flag} {}: must be an absolute path",
+            p.display()
+        )));
     }
     Ok(p)
 }
@@ -307,7 +335,9 @@ impl Settings {
             (None, None) => UnderlaySpec::Auto,
             (Some(i), ip) => {
                 if !valid_ifname(&i) {
-                    return Err(bad(format!("--underlay-iface {i:?}: not a valid interface name")));
+                    return Err(bad(format!(
+                        "--underlay-iface {i:?}: not a valid interface name"
+                    )));
                 }
                 match ip {
                     Some(ip) => UnderlaySpec::Both(i, ip),
@@ -336,15 +366,21 @@ impl Settings {
         let store = StoreSpec::parse(a.store.as_deref().unwrap_or("file:/var/lib/ferry/store"))?;
         let etcd_prefix = a.etcd_prefix.unwrap_or_else(|| "/ferry".into());
         if !etcd_prefix.starts_with('/') {
-            return Err(bad(format!("--etcd-prefix {etcd_prefix:?}: must start with /")));
+            return Err(bad(format!(
+                "--etcd-prefix {etcd_prefix:?}: must start with /"
+            )));
         }
         let network_name = a.network_name.unwrap_or_else(|| "ferry".into());
         if !valid_name(&network_name) {
-            return Err(bad(format!("--network-name {network_name:?}: invalid CNI network name")));
+            return Err(bad(format!(
+                "--network-name {network_name:?}: invalid CNI network name"
+            )));
         }
         let bridge = a.bridge.unwrap_or_else(|| "ferry0".into());
         if !valid_ifname(&bridge) {
-            return Err(bad(format!("--bridge {bridge:?}: not a valid interface name")));
+            return Err(bad(format!(
+                "--bridge {bridge:?}: not a valid interface name"
+            )));
         }
         let vni = a.vni.unwrap_or(1);
         if vni == 0 || vni >= 1 << 24 {
@@ -379,7 +415,11 @@ impl Settings {
             "info" => tracing::Level::INFO,
             "debug" => tracing::Level::DEBUG,
             "trace" => tracing::Level::TRACE,
-            l => return Err(bad(format!("--log-level {l:?}: error, warn, info, debug or trace"))),
+            l => {
+                return Err(bad(format!(
+                    "--log-level {l:?}: error, warn, info, debug or trace"
+                )))
+            }
         };
         Ok(Settings {
             node_name,
@@ -449,9 +489,21 @@ mod tests {
     fn flags() {
         let s = Settings::resolve(
             args(&[
-                "--node-name", "n1", "--underlay-iface", "eth1", "--store",
-                "etcd:127.0.0.1:2379,http://h:1", "--direct-routing", "--vni", "42",
-                "--reconcile-interval", "500ms", "--listen", "off", "--masquerade", "false",
+                "--node-name",
+                "n1",
+                "--underlay-iface",
+                "eth1",
+                "--store",
+                "etcd:127.0.0.1:2379,http://h:1",
+                "--direct-routing",
+                "--vni",
+                "42",
+                "--reconcile-interval",
+                "500ms",
+                "--listen",
+                "off",
+                "--masquerade",
+                "false",
             ]),
             "x",
         )
@@ -481,7 +533,10 @@ mod tests {
         assert!(err(&["--reconcile-interval", "10y"]).contains("unit"));
         assert!(err(&["--cni-conf-dir", "etc"]).contains("absolute"));
         assert!(err(&["--mtu", "70"]).contains("--mtu"));
-        assert!(Settings::resolve(args(&[]), "").is_err(), "no hostname, no name");
+        assert!(
+            Settings::resolve(args(&[]), "").is_err(),
+            "no hostname, no name"
+        );
     }
 
     #[test]
@@ -503,7 +558,9 @@ mod tests {
         assert_eq!(s.cluster_cidr.to_string(), "10.50.0.0/16");
         assert!(s.direct_routing);
         std::fs::write(&f, r#"{"no-such-flag": 1}"#).unwrap();
-        let e = args(&["--config", f.to_str().unwrap()]).with_config_file().unwrap_err();
+        let e = args(&["--config", f.to_str().unwrap()])
+            .with_config_file()
+            .unwrap_err();
         assert!(e.0.contains("no-such-flag"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

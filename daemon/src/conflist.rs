@@ -56,6 +56,16 @@ pub fn render(p: &ConflistParams) -> String {
     s
 }
 
+/// The pod subnet of a conflist ferryd wrote (to keep it across restarts
+/// even if the store lost the node's record).
+pub fn subnet_of(text: &str) -> Option<Ipv4Network> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v["plugins"][0]["ipam"]["ranges"][0][0]["subnet"]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
 /// Writes `contents` to `path` atomically (temp file + rename) unless it
 /// holds exactly that already. Returns whether it wrote.
 pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<bool> {
@@ -102,6 +112,8 @@ mod tests {
             ready_file: Path::new("/run/ferry/ready"),
         });
         assert_eq!(got, include_str!("testdata/10-ferry.conflist"));
+        assert_eq!(subnet_of(&got), Some("10.244.3.0/24".parse().unwrap()));
+        assert_eq!(subnet_of("{}"), None);
     }
 
     #[test]
@@ -112,7 +124,11 @@ mod tests {
         assert!(!write_atomic(&p, "a").unwrap());
         assert!(write_atomic(&p, "b").unwrap());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "b");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temp file left"
+        );
         remove_if_exists(&p).unwrap();
         remove_if_exists(&p).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

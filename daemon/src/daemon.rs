@@ -67,10 +67,16 @@ pub async fn preflight(s: &Settings) -> Result<(Underlay, Option<TcpListener>), 
     })
     .await?;
     let listener = match s.listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| DaemonError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?),
+        Some(addr) => {
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Listen {
+                        addr: addr.to_string(),
+                        source,
+                    })?,
+            )
+        }
         None => None,
     };
     Ok((underlay, listener))
@@ -84,7 +90,11 @@ struct Pass {
 }
 
 /// One reconcile pass of the kernel side.
-async fn reconcile_kernel(s: &Settings, rec: &NodeRecord, nodes: Vec<NodeRecord>) -> Result<Pass, DaemonError> {
+async fn reconcile_kernel(
+    s: &Settings,
+    rec: &NodeRecord,
+    nodes: Vec<NodeRecord>,
+) -> Result<Pass, DaemonError> {
     let s = s.clone();
     let rec = rec.clone();
     blocking(move || {
@@ -148,7 +158,8 @@ pub async fn run<S: Store>(
 ) -> Result<(), DaemonError> {
     let status = Arc::new(Status::default());
     let ready_file = s.ready_file();
-    conflist::remove_if_exists(&ready_file).map_err(io(format!("cannot remove {}", ready_file.display())))?;
+    conflist::remove_if_exists(&ready_file)
+        .map_err(io(format!("cannot remove {}", ready_file.display())))?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(io("cannot handle SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(io("cannot handle SIGINT"))?;
 
@@ -159,8 +170,12 @@ pub async fn run<S: Store>(
         cluster: s.cluster_cidr,
         subnet_len: s.subnet_len,
         ttl: s.lease_ttl,
+        prefer: std::fs::read_to_string(s.cni_conf_dir.join(conflist::FILE_NAME))
+            .ok()
+            .and_then(|t| conflist::subnet_of(&t)),
     };
     let mut rec = store.register(&reg).await?;
+    reg.prefer = Some(rec.subnet);
     tracing::info!(node = %rec.node, subnet = %rec.subnet, underlay = %format!("{} ({})", underlay.ip, underlay.name), vtep_mac = %rec.vtep_mac, "registered");
 
     if let Some(l) = listener {
@@ -173,7 +188,8 @@ pub async fn run<S: Store>(
     }
 
     let renew_every = (s.lease_ttl / 3).min(Duration::from_secs(5));
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+    let mut renew =
+        tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
     let mut full = tokio::time::interval(s.reconcile_interval);
     full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned_bins = false;
@@ -187,14 +203,23 @@ pub async fn run<S: Store>(
         }
         .await;
         status.reconciles.fetch_add(1, Relaxed);
-        status.last_reconcile_micros.store(t0.elapsed().as_micros() as u64, Relaxed);
+        status
+            .last_reconcile_micros
+            .store(t0.elapsed().as_micros() as u64, Relaxed);
         match result {
             Ok(pass) => {
-                status.kernel_changes.fetch_add(pass.changes as u64, Relaxed);
+                status
+                    .kernel_changes
+                    .fetch_add(pass.changes as u64, Relaxed);
                 status.peers.store(pass.peers as u64, Relaxed);
                 status.last_success_unix.store(unix_now(), Relaxed);
                 if pass.changes > 0 {
-                    tracing::info!(changes = pass.changes, peers = pass.peers, took_ms = t0.elapsed().as_millis() as u64, "reconciled");
+                    tracing::info!(
+                        changes = pass.changes,
+                        peers = pass.peers,
+                        took_ms = t0.elapsed().as_millis() as u64,
+                        "reconciled"
+                    );
                 }
                 if pass.underlay.ip != reg.underlay_ip {
                     tracing::warn!(old = %reg.underlay_ip, new = %pass.underlay.ip, "underlay address changed; re-registering");
@@ -224,7 +249,9 @@ pub async fn run<S: Store>(
                     match conflist::write_atomic(&path, &text) {
                         Ok(true) => tracing::info!(path = %path.display(), "CNI conflist written"),
                         Ok(false) => {}
-                        Err(e) => tracing::warn!(path = %path.display(), "cannot write CNI conflist: {e}"),
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), "cannot write CNI conflist: {e}")
+                        }
                     }
                     let info = serde_json::json!({
                         "node": rec.node, "subnet": rec.subnet.to_string(), "mtu": pass.mtu,
@@ -237,7 +264,9 @@ pub async fn run<S: Store>(
                             }
                             status.ready.store(true, Relaxed);
                         }
-                        Err(e) => tracing::warn!(file = %ready_file.display(), "cannot write readiness file: {e}"),
+                        Err(e) => {
+                            tracing::warn!(file = %ready_file.display(), "cannot write readiness file: {e}")
+                        }
                     }
                 }
             }
@@ -254,7 +283,12 @@ pub async fn run<S: Store>(
         // Wait for the next reason to reconcile.
         loop {
             tokio::select! {
-                _ = store.changed() => break,
+                _ = store.changed() => {
+                    // Let a burst of store writes settle into one pass.
+                    // (Outside the select: a wake-up is never lost.)
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    break;
+                }
                 _ = full.tick() => break,
                 _ = renew.tick() => {
                     if left { continue; }

@@ -27,19 +27,55 @@ impl Status {
     pub fn metrics(&self) -> String {
         let mut s = String::new();
         let mut m = |name: &str, kind: &str, help: &str, v: String| {
-            let _ = write!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n");
+            let _ = write!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
         };
-        m("ferryd_ready", "gauge", "1 when the node is ready for pods.", (self.ready.load(Relaxed) as u8).to_string());
-        m("ferryd_reconciles_total", "counter", "Reconcile passes.", self.reconciles.load(Relaxed).to_string());
-        m("ferryd_reconcile_errors_total", "counter", "Failed reconcile passes.", self.reconcile_errors.load(Relaxed).to_string());
-        m("ferryd_kernel_changes_total", "counter", "Kernel objects created, replaced or removed.", self.kernel_changes.load(Relaxed).to_string());
-        m("ferryd_store_errors_total", "counter", "Failed store operations.", self.store_errors.load(Relaxed).to_string());
-        m("ferryd_peers", "gauge", "Remote nodes in the overlay.", self.peers.load(Relaxed).to_string());
+        m(
+            "ferryd_ready",
+            "gauge",
+            "1 when the node is ready for pods.",
+            (self.ready.load(Relaxed) as u8).to_string(),
+        );
+        m(
+            "ferryd_reconciles_total",
+            "counter",
+            "Reconcile passes.",
+            self.reconciles.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_reconcile_errors_total",
+            "counter",
+            "Failed reconcile passes.",
+            self.reconcile_errors.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_kernel_changes_total",
+            "counter",
+            "Kernel objects created, replaced or removed.",
+            self.kernel_changes.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_store_errors_total",
+            "counter",
+            "Failed store operations.",
+            self.store_errors.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_peers",
+            "gauge",
+            "Remote nodes in the overlay.",
+            self.peers.load(Relaxed).to_string(),
+        );
         m(
             "ferryd_last_reconcile_duration_seconds",
             "gauge",
             "Duration of the last reconcile pass.",
-            format!("{:.6}", self.last_reconcile_micros.load(Relaxed) as f64 / 1e6),
+            format!(
+                "{:.6}",
+                self.last_reconcile_micros.load(Relaxed) as f64 / 1e6
+            ),
         );
         m(
             "ferryd_last_success_timestamp_seconds",
@@ -54,7 +90,11 @@ impl Status {
     pub fn respond(&self, method: &str, path: &str) -> (&'static str, &'static str, String) {
         const TEXT: &str = "text/plain; charset=utf-8";
         if method != "GET" && method != "HEAD" {
-            return ("405 Method Not Allowed", TEXT, "method not allowed\n".into());
+            return (
+                "405 Method Not Allowed",
+                TEXT,
+                "method not allowed\n".into(),
+            );
         }
         match path.split('?').next().unwrap_or("") {
             "/healthz" => ("200 OK", TEXT, "ok\n".into()),
@@ -83,7 +123,9 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>) {
                         Ok(0) | Err(_) => break,
                         Ok(k) => n += k,
                     }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].windows(2).any(|w| w == b"\n\n") {
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                        || buf[..n].windows(2).any(|w| w == b"\n\n")
+                    {
                         break;
                     }
                 }
@@ -96,7 +138,11 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>) {
             let mut parts = head.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (code, ctype, body) = status.respond(method, path);
-            let body = if method == "HEAD" { String::new() } else { body };
+            let body = if method == "HEAD" {
+                String::new()
+            } else {
+                body
+            };
             let resp = format!(
                 "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

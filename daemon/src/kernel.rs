@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use ferry::netlink::{NlError, Netlink, RTPROT_FERRY};
+use ferry::netlink::{Netlink, NlError, RTPROT_FERRY};
 use ipnetwork::{IpNetwork, Ipv4Network};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::AddressAttribute;
@@ -16,8 +16,8 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::errno::Errno;
@@ -42,7 +42,9 @@ pub enum KernelError {
     UnderlayIpNotFound(Ipv4Addr),
     #[error("underlay address {0} is not on interface {1:?}")]
     UnderlayIpNotOnIface(Ipv4Addr, String),
-    #[error("no IPv4 default route to pick the underlay from; pass --underlay-iface or --underlay-ip")]
+    #[error(
+        "no IPv4 default route to pick the underlay from; pass --underlay-iface or --underlay-ip"
+    )]
     NoDefaultRoute,
     #[error("VXLAN device {0:?} vanished while being configured")]
     DeviceVanished(String),
@@ -86,7 +88,10 @@ fn link_mtu(l: &LinkMessage) -> u32 {
 
 pub fn links(nl: &mut Netlink) -> KResult<Vec<LinkMessage>> {
     Ok(nl
-        .dump("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .dump(
+            "list links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )
         .map_err(KernelError::nl("list links"))?
         .into_iter()
         .filter_map(|m| match m {
@@ -153,7 +158,10 @@ pub fn resolve_underlay(nl: &mut Netlink, spec: &UnderlaySpec) -> KResult<Underl
         }
         UnderlaySpec::Both(name, ip) => {
             let l = by_name(name).ok_or_else(|| KernelError::NoSuchUnderlay(name.clone()))?;
-            if !addrs.iter().any(|(i, n)| *i == l.header.index && n.ip() == *ip) {
+            if !addrs
+                .iter()
+                .any(|(i, n)| *i == l.header.index && n.ip() == *ip)
+            {
                 return Err(KernelError::UnderlayIpNotOnIface(*ip, name.clone()));
             }
             (l, *ip)
@@ -163,7 +171,10 @@ pub fn resolve_underlay(nl: &mut Netlink, spec: &UnderlaySpec) -> KResult<Underl
                 .iter()
                 .find(|(_, n)| n.ip() == *ip)
                 .ok_or(KernelError::UnderlayIpNotFound(*ip))?;
-            (by_index(*idx).ok_or(KernelError::UnderlayIpNotFound(*ip))?, *ip)
+            (
+                by_index(*idx).ok_or(KernelError::UnderlayIpNotFound(*ip))?,
+                *ip,
+            )
         }
         UnderlaySpec::Auto => {
             let routes = nl
@@ -352,6 +363,10 @@ fn neigh_parts(n: &NeighbourMessage) -> (Option<Ipv4Addr>, Option<Mac>) {
     for a in &n.attributes {
         match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+            // FDB entries (AF_BRIDGE) carry the remote as raw bytes.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                ip = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+            }
             NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
                 mac = Some(Mac(m.as_slice().try_into().expect("6 bytes")))
             }
@@ -366,7 +381,8 @@ fn create_device(nl: &mut Netlink, s: &DeviceSpec) -> KResult<()> {
     msg.header.flags = LinkFlags::Up;
     msg.header.change_mask = LinkFlags::Up;
     msg.attributes.push(LinkAttribute::IfName(s.name.clone()));
-    msg.attributes.push(LinkAttribute::Address(s.mac.0.to_vec()));
+    msg.attributes
+        .push(LinkAttribute::Address(s.mac.0.to_vec()));
     msg.attributes.push(LinkAttribute::Mtu(s.mtu));
     msg.attributes.push(LinkAttribute::LinkInfo(vec![
         LinkInfo::Kind(InfoKind::Vxlan),
@@ -386,7 +402,12 @@ fn create_device(nl: &mut Netlink, s: &DeviceSpec) -> KResult<()> {
     .map_err(KernelError::nl(format!("create VXLAN device {}", s.name)))
 }
 
-fn neigh_msg(family: AddressFamily, ifindex: u32, ip: Option<Ipv4Addr>, mac: Option<Mac>) -> NeighbourMessage {
+fn neigh_msg(
+    family: AddressFamily,
+    ifindex: u32,
+    ip: Option<Ipv4Addr>,
+    mac: Option<Mac>,
+) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = family;
     m.header.ifindex = ifindex;
@@ -417,7 +438,9 @@ fn route_msg(r: &Route, vxlan: u32, underlay: u32) -> RouteMessage {
         m.header.flags = RouteFlags::Onlink;
     }
     m.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(r.dst.network())));
+        .push(RouteAttribute::Destination(RouteAddress::Inet(
+            r.dst.network(),
+        )));
     m.attributes
         .push(RouteAttribute::Gateway(RouteAddress::Inet(r.gw)));
     let oif = match r.dev {
@@ -440,38 +463,75 @@ fn ignore(r: Result<(), NlError>, ok: &[Errno]) -> Result<(), NlError> {
 }
 
 /// Applies one action. `index` is the VXLAN device's, once it exists.
-fn apply_one(nl: &mut Netlink, a: &Action, device: &str, index: Option<u32>, underlay: u32) -> KResult<()> {
+fn apply_one(
+    nl: &mut Netlink,
+    a: &Action,
+    device: &str,
+    index: Option<u32>,
+    underlay: u32,
+) -> KResult<()> {
     let idx = || index.ok_or_else(|| KernelError::DeviceVanished(device.to_string()));
     let what = format!("{a:?}");
     let r = match a {
         Action::DeleteDevice => ignore(nl.del_link_by_name(device), &[Errno::ENODEV]),
         Action::CreateDevice(s) => return create_device(nl, s),
-        Action::SetMtu(m) => nl.set_link(idx()?, LinkFlags::empty(), LinkFlags::empty(), vec![LinkAttribute::Mtu(*m)]),
+        Action::SetMtu(m) => nl.set_link(
+            idx()?,
+            LinkFlags::empty(),
+            LinkFlags::empty(),
+            vec![LinkAttribute::Mtu(*m)],
+        ),
         Action::SetUp => nl.set_link(idx()?, LinkFlags::Up, LinkFlags::Up, vec![]),
-        Action::AddAddr(n) => ignore(nl.add_address(idx()?, IpNetwork::V4(*n), false), &[Errno::EEXIST]),
-        Action::DelAddr(n) => ignore(nl.del_address(idx()?, IpNetwork::V4(*n)), &[Errno::EADDRNOTAVAIL, Errno::ENOENT]),
+        Action::AddAddr(n) => ignore(
+            nl.add_address(idx()?, IpNetwork::V4(*n), false),
+            &[Errno::EEXIST],
+        ),
+        Action::DelAddr(n) => ignore(
+            nl.del_address(idx()?, IpNetwork::V4(*n)),
+            &[Errno::EADDRNOTAVAIL, Errno::ENOENT],
+        ),
         Action::SetNeigh(ip, mac) => nl.request(
             "replace neighbour",
-            RouteNetlinkMessage::NewNeighbour(neigh_msg(AddressFamily::Inet, idx()?, Some(*ip), Some(*mac))),
+            RouteNetlinkMessage::NewNeighbour(neigh_msg(
+                AddressFamily::Inet,
+                idx()?,
+                Some(*ip),
+                Some(*mac),
+            )),
             NLM_F_CREATE | NLM_F_REPLACE,
         ),
         Action::DelNeigh(ip) => ignore(
             nl.request(
                 "delete neighbour",
-                RouteNetlinkMessage::DelNeighbour(neigh_msg(AddressFamily::Inet, idx()?, Some(*ip), None)),
+                RouteNetlinkMessage::DelNeighbour(neigh_msg(
+                    AddressFamily::Inet,
+                    idx()?,
+                    Some(*ip),
+                    None,
+                )),
                 0,
             ),
             &[Errno::ENOENT],
         ),
         Action::SetFdb(mac, dst) => nl.request(
             "replace fdb",
-            RouteNetlinkMessage::NewNeighbour(neigh_msg(AddressFamily::Bridge, idx()?, Some(*dst), Some(*mac))),
+            RouteNetlinkMessage::NewNeighbour(neigh_msg(
+                AddressFamily::Bridge,
+                idx()?,
+                Some(*dst),
+                Some(*mac),
+            )),
             NLM_F_CREATE | NLM_F_REPLACE,
         ),
         Action::DelFdb(mac, dst) => ignore(
             nl.request(
                 "delete fdb",
-                RouteNetlinkMessage::DelNeighbour(neigh_msg(AddressFamily::Bridge, idx()?, *dst, Some(*mac))),
+                RouteNetlinkMessage::DelNeighbour(neigh_msg(
+                    AddressFamily::Bridge,
+                    idx()?,
+                    *dst,
+                    Some(*mac),
+                )),
                 0,
             ),
             &[Errno::ENOENT],
@@ -551,7 +611,12 @@ mod tests {
 
     #[test]
     fn fdb_message_is_self_permanent() {
-        let m = neigh_msg(AddressFamily::Bridge, 3, Some("1.2.3.4".parse().unwrap()), Some(Mac([2, 0, 0, 0, 0, 1])));
+        let m = neigh_msg(
+            AddressFamily::Bridge,
+            3,
+            Some("1.2.3.4".parse().unwrap()),
+            Some(Mac([2, 0, 0, 0, 0, 1])),
+        );
         assert_eq!(m.header.flags, NeighbourFlags::Own);
         assert_eq!(m.header.state, NeighbourState::Permanent);
     }

@@ -5,11 +5,11 @@
 //! `nft -f` transaction). See DESIGN.md.
 
 pub mod config;
+pub mod conflist;
+pub mod daemon;
+pub mod health;
+pub mod kernel;
+pub mod masq;
+pub mod overlay;
 pub mod record;
 pub mod store;
-pub mod overlay;
-pub mod kernel;
-pub mod conflist;
-pub mod health;
-pub mod masq;
-pub mod daemon;

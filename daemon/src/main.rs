@@ -23,7 +23,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(args) => {
-            let settings = match args.with_config_file().and_then(|a| Settings::resolve(a, &default_node_name())) {
+            let settings = match args
+                .with_config_file()
+                .and_then(|a| Settings::resolve(a, &default_node_name()))
+            {
                 Ok(s) => s,
                 Err(ConfigError(e)) => return fail(e, 2),
             };
@@ -48,18 +51,29 @@ fn main() -> ExitCode {
                     Err(ConfigError(e)) => return fail(e, 2),
                 };
             }
-            let node = a.node_name.or(file.node_name).unwrap_or_else(default_node_name);
+            let node = a
+                .node_name
+                .or(file.node_name)
+                .unwrap_or_else(default_node_name);
             let store = match StoreSpec::parse(
-                a.store.or(file.store).as_deref().unwrap_or("file:/var/lib/ferry/store"),
+                a.store
+                    .or(file.store)
+                    .as_deref()
+                    .unwrap_or("file:/var/lib/ferry/store"),
             ) {
                 Ok(s) => s,
                 Err(ConfigError(e)) => return fail(e, 2),
             };
-            let prefix = a.etcd_prefix.or(file.etcd_prefix).unwrap_or_else(|| "/ferry".into());
+            let prefix = a
+                .etcd_prefix
+                .or(file.etcd_prefix)
+                .unwrap_or_else(|| "/ferry".into());
             let r: Result<(), DaemonError> = runtime().block_on(async {
                 match store {
                     StoreSpec::File(dir) => FileStore::open(&dir)?.leave(&node).await?,
-                    StoreSpec::Etcd(urls) => EtcdStore::open(&urls, &prefix).await?.leave(&node).await?,
+                    StoreSpec::Etcd(urls) => {
+                        EtcdStore::open(&urls, &prefix).await?.leave(&node).await?
+                    }
                 }
                 Ok(())
             });

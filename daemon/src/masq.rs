@@ -49,7 +49,11 @@ pub enum MasqError {
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<(bool, String), MasqError> {
     let mut child = Command::new("nft")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -59,8 +63,15 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<(bool, String), MasqError> 
         i.write_all(s.as_bytes()).map_err(MasqError::Spawn)?;
     }
     let out = child.wait_with_output().map_err(MasqError::Spawn)?;
-    let text = if out.status.success() { out.stdout } else { out.stderr };
-    Ok((out.status.success(), String::from_utf8_lossy(&text).into_owned()))
+    let text = if out.status.success() {
+        out.stdout
+    } else {
+        out.stderr
+    };
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&text).into_owned(),
+    ))
 }
 
 /// Makes the kernel hold the masquerade rules (or none of ferryd's when
@@ -71,11 +82,21 @@ pub fn ensure(enabled: bool, subnet: Ipv4Network, cluster: Ipv4Network) -> Resul
         if !exists {
             return Ok(false);
         }
-        let (ok, err) = nft(&["-f", "-"], Some(&format!("delete chain inet {TABLE} {CHAIN}\n")))?;
-        return if ok { Ok(true) } else { Err(MasqError::Failed(err.trim().to_string())) };
+        let (ok, err) = nft(
+            &["-f", "-"],
+            Some(&format!("delete chain inet {TABLE} {CHAIN}\n")),
+        )?;
+        return if ok {
+            Ok(true)
+        } else {
+            Err(MasqError::Failed(err.trim().to_string()))
+        };
     }
     let m = marker(subnet, cluster);
-    if exists && listing.contains(&format!("comment \"{m}\"")) && listing.matches("masquerade").count() == 1 {
+    if exists
+        && listing.contains(&format!("comment \"{m}\""))
+        && listing.matches("masquerade").count() == 1
+    {
         return Ok(false);
     }
     let (ok, err) = nft(&["-f", "-"], Some(&render(subnet, cluster)))?;
@@ -92,14 +113,23 @@ mod tests {
 
     #[test]
     fn golden() {
-        let got = render("10.244.3.7/24".parse().unwrap(), "10.244.0.0/16".parse().unwrap());
+        let got = render(
+            "10.244.3.7/24".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        );
         assert_eq!(got, include_str!("testdata/masq.nft"));
     }
 
     #[test]
     fn marker_depends_on_inputs() {
-        let a = marker("10.244.3.0/24".parse().unwrap(), "10.244.0.0/16".parse().unwrap());
-        let b = marker("10.244.4.0/24".parse().unwrap(), "10.244.0.0/16".parse().unwrap());
+        let a = marker(
+            "10.244.3.0/24".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        );
+        let b = marker(
+            "10.244.4.0/24".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+        );
         assert_ne!(a, b);
         assert!(a.starts_with("ferryd:"));
     }

@@ -236,7 +236,12 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Action> {
             out.push(Action::CreateDevice(want.device.clone()));
             // Routes via the underlay do not depend on the device.
             &Observed {
-                routes: have.routes.iter().filter(|r| r.dev != Dev::Vxlan).copied().collect(),
+                routes: have
+                    .routes
+                    .iter()
+                    .filter(|r| r.dev != Dev::Vxlan)
+                    .copied()
+                    .collect(),
                 ..empty
             }
         }
@@ -244,7 +249,12 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Action> {
             out.push(Action::DeleteDevice);
             out.push(Action::CreateDevice(want.device.clone()));
             &Observed {
-                routes: have.routes.iter().filter(|r| r.dev != Dev::Vxlan).copied().collect(),
+                routes: have
+                    .routes
+                    .iter()
+                    .filter(|r| r.dev != Dev::Vxlan)
+                    .copied()
+                    .collect(),
                 ..empty
             }
         }
@@ -386,7 +396,11 @@ mod tests {
                 up: true,
             }),
             addrs: vec![want.vtep_addr],
-            neighs: want.neighs.iter().map(|(i, m)| (*i, Some(*m), true)).collect(),
+            neighs: want
+                .neighs
+                .iter()
+                .map(|(i, m)| (*i, Some(*m), true))
+                .collect(),
             fdb: want.fdb.iter().map(|(m, i)| (*m, Some(*i))).collect(),
             routes: want.routes.values().copied().collect(),
         }
@@ -401,14 +415,20 @@ mod tests {
         assert_eq!(d.neighs[&ip("10.244.1.0")], Mac::for_vtep("b", 1));
         assert_eq!(d.fdb[&Mac::for_vtep("c", 1)], ip("10.9.9.9"));
         let r = d.routes[&net("10.244.2.0/24")];
-        assert_eq!((r.gw, r.dev, r.onlink), (ip("10.244.2.0"), Dev::Vxlan, true));
+        assert_eq!(
+            (r.gw, r.dev, r.onlink),
+            (ip("10.244.2.0"), Dev::Vxlan, true)
+        );
     }
 
     #[test]
     fn desired_direct_routing_only_on_link() {
         let d = desired(&local(), &params(true), &cluster());
         let b = d.routes[&net("10.244.1.0/24")];
-        assert_eq!((b.gw, b.dev, b.onlink), (ip("192.168.50.2"), Dev::Underlay, false));
+        assert_eq!(
+            (b.gw, b.dev, b.onlink),
+            (ip("192.168.50.2"), Dev::Underlay, false)
+        );
         assert!(!d.neighs.contains_key(&ip("10.244.1.0")));
         // c is behind a router: still VXLAN.
         assert_eq!(d.routes[&net("10.244.2.0/24")].dev, Dev::Vxlan);
@@ -484,7 +504,12 @@ mod tests {
         let acts = diff(&d, &o);
         assert_eq!(acts[0], Action::DeleteDevice);
         assert!(matches!(acts[1], Action::CreateDevice(_)));
-        assert_eq!(acts.iter().filter(|a| matches!(a, Action::SetRoute(_))).count(), 2);
+        assert_eq!(
+            acts.iter()
+                .filter(|a| matches!(a, Action::SetRoute(_)))
+                .count(),
+            2
+        );
         // MTU and down-ness are fixed in place.
         let mut o = observed_of(&d);
         o.device.as_mut().unwrap().mtu = 1500;
@@ -511,7 +536,8 @@ mod tests {
         let mut o = observed_of(&d);
         o.neighs.clear();
         o.routes.retain(|r| r.dst != net("10.244.1.0/24"));
-        o.neighs.push((ip("10.244.1.0"), Some(Mac::for_vtep("b", 1)), false)); // not permanent
+        o.neighs
+            .push((ip("10.244.1.0"), Some(Mac::for_vtep("b", 1)), false)); // not permanent
         let acts = diff(&d, &o);
         assert_eq!(
             acts,

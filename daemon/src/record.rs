@@ -132,7 +132,10 @@ pub enum AllocError {
 }
 
 /// All subnets of length `len` in `cluster`, lowest first.
-pub fn subnets(cluster: Ipv4Network, len: u8) -> Result<impl Iterator<Item = Ipv4Network>, AllocError> {
+pub fn subnets(
+    cluster: Ipv4Network,
+    len: u8,
+) -> Result<impl Iterator<Item = Ipv4Network>, AllocError> {
     if len < cluster.prefix() || len > 30 {
         return Err(AllocError::BadLength { cluster, len });
     }
@@ -147,16 +150,19 @@ pub fn subnets(cluster: Ipv4Network, len: u8) -> Result<impl Iterator<Item = Ipv
 /// Which subnet `node` should hold, given the reservations in the store.
 ///
 /// A node keeps a subnet it holds (also an expired one nobody took over);
-/// otherwise it takes the lowest subnet that is free or whose lease
-/// expired. `skip` lists subnets a concurrent allocator just won, to try
-/// the next one. Reservations outside the cluster CIDR or of another size
-/// (a changed configuration) are ignored for keeping but still block.
+/// otherwise it takes `prefer` (the subnet its pods already use, read from
+/// the node itself) when that is free, else the lowest subnet that is free
+/// or whose lease expired. `skip` lists subnets a concurrent allocator just
+/// won, to try the next one. Reservations outside the cluster CIDR or of
+/// another size (a changed configuration) are ignored for keeping but still
+/// block.
 pub fn allocate(
     cluster: Ipv4Network,
     len: u8,
     node: &str,
     existing: &[Reservation],
     skip: &[Ipv4Network],
+    prefer: Option<Ipv4Network>,
 ) -> Result<Allocation, AllocError> {
     let all = subnets(cluster, len)?;
     if let Some(own) = existing
@@ -172,7 +178,10 @@ pub fn allocate(
                 .iter()
                 .any(|r| !r.expired && (r.subnet.overlaps(s)))
     };
-    all.into_iter()
+    prefer
+        .filter(|p| p.prefix() == len && cluster.is_supernet_of(*p) && p.ip() == p.network())
+        .into_iter()
+        .chain(all)
         .find(|s| !blocked(*s))
         .map(Allocation::Take)
         .ok_or(AllocError::Exhausted { cluster, len })
@@ -196,21 +205,24 @@ mod tests {
 
     #[test]
     fn first_node_gets_lowest_subnet() {
-        let a = allocate(net("10.244.0.0/16"), 24, "a", &[], &[]).unwrap();
+        let a = allocate(net("10.244.0.0/16"), 24, "a", &[], &[], None).unwrap();
         assert_eq!(a, Allocation::Take(net("10.244.0.0/24")));
     }
 
     #[test]
     fn node_keeps_its_subnet() {
-        let ex = [res("10.244.0.0/24", "a", false), res("10.244.1.0/24", "b", false)];
-        let a = allocate(net("10.244.0.0/16"), 24, "b", &ex, &[]).unwrap();
+        let ex = [
+            res("10.244.0.0/24", "a", false),
+            res("10.244.1.0/24", "b", false),
+        ];
+        let a = allocate(net("10.244.0.0/16"), 24, "b", &ex, &[], None).unwrap();
         assert_eq!(a, Allocation::Keep(net("10.244.1.0/24")));
     }
 
     #[test]
     fn node_keeps_its_expired_subnet() {
         let ex = [res("10.244.5.0/24", "b", true)];
-        let a = allocate(net("10.244.0.0/16"), 24, "b", &ex, &[]).unwrap();
+        let a = allocate(net("10.244.0.0/16"), 24, "b", &ex, &[], None).unwrap();
         assert_eq!(a, Allocation::Keep(net("10.244.5.0/24")));
     }
 
@@ -221,27 +233,72 @@ mod tests {
             res("10.244.1.0/24", "b", true),
             res("10.244.2.0/24", "c", false),
         ];
-        let a = allocate(net("10.244.0.0/16"), 24, "d", &ex, &[]).unwrap();
+        let a = allocate(net("10.244.0.0/16"), 24, "d", &ex, &[], None).unwrap();
         assert_eq!(a, Allocation::Take(net("10.244.1.0/24")));
         // A subnet left but not expired stays reserved.
         let ex = [res("10.244.0.0/24", "a", false)];
-        let a = allocate(net("10.244.0.0/16"), 24, "d", &ex, &[net("10.244.1.0/24")]).unwrap();
+        let a = allocate(
+            net("10.244.0.0/16"),
+            24,
+            "d",
+            &ex,
+            &[net("10.244.1.0/24")],
+            None,
+        )
+        .unwrap();
         assert_eq!(a, Allocation::Take(net("10.244.2.0/24")));
     }
 
     #[test]
+    fn preferred_subnet_is_taken_when_free() {
+        let ex = [res("10.244.0.0/24", "a", false)];
+        let p = Some(net("10.244.9.0/24"));
+        let a = allocate(net("10.244.0.0/16"), 24, "b", &ex, &[], p).unwrap();
+        assert_eq!(a, Allocation::Take(net("10.244.9.0/24")));
+        // Held by someone else: the lowest free one instead.
+        let a = allocate(
+            net("10.244.0.0/16"),
+            24,
+            "b",
+            &ex,
+            &[],
+            Some(net("10.244.0.0/24")),
+        )
+        .unwrap();
+        assert_eq!(a, Allocation::Take(net("10.244.1.0/24")));
+        // Wrong size or outside the cluster: ignored.
+        let a = allocate(
+            net("10.244.0.0/16"),
+            24,
+            "b",
+            &ex,
+            &[],
+            Some(net("10.9.0.0/24")),
+        )
+        .unwrap();
+        assert_eq!(a, Allocation::Take(net("10.244.1.0/24")));
+        // Own reservation beats the preference.
+        let ex = [res("10.244.4.0/24", "b", false)];
+        let a = allocate(net("10.244.0.0/16"), 24, "b", &ex, &[], p).unwrap();
+        assert_eq!(a, Allocation::Keep(net("10.244.4.0/24")));
+    }
+
+    #[test]
     fn exhaustion_and_bad_length() {
-        let ex = [res("10.0.0.0/25", "a", false), res("10.0.0.128/25", "b", false)];
+        let ex = [
+            res("10.0.0.0/25", "a", false),
+            res("10.0.0.128/25", "b", false),
+        ];
         assert!(matches!(
-            allocate(net("10.0.0.0/24"), 25, "c", &ex, &[]),
+            allocate(net("10.0.0.0/24"), 25, "c", &ex, &[], None),
             Err(AllocError::Exhausted { .. })
         ));
         assert!(matches!(
-            allocate(net("10.0.0.0/24"), 23, "c", &[], &[]),
+            allocate(net("10.0.0.0/24"), 23, "c", &[], &[], None),
             Err(AllocError::BadLength { .. })
         ));
         assert!(matches!(
-            allocate(net("10.0.0.0/24"), 31, "c", &[], &[]),
+            allocate(net("10.0.0.0/24"), 31, "c", &[], &[], None),
             Err(AllocError::BadLength { .. })
         ));
     }
@@ -250,7 +307,7 @@ mod tests {
     fn foreign_sized_reservation_blocks_overlap() {
         // A /23 from an older configuration covers two /24s.
         let ex = [res("10.244.0.0/23", "old", false)];
-        let a = allocate(net("10.244.0.0/16"), 24, "n", &ex, &[]).unwrap();
+        let a = allocate(net("10.244.0.0/16"), 24, "n", &ex, &[], None).unwrap();
         assert_eq!(a, Allocation::Take(net("10.244.2.0/24")));
     }
 
@@ -259,7 +316,7 @@ mod tests {
         let mut ex = Vec::new();
         for i in 0..50 {
             let name = format!("n{i}");
-            match allocate(net("10.244.0.0/16"), 24, &name, &ex, &[]).unwrap() {
+            match allocate(net("10.244.0.0/16"), 24, &name, &ex, &[], None).unwrap() {
                 Allocation::Take(s) => ex.push(Reservation {
                     subnet: s,
                     node: name,

@@ -97,7 +97,9 @@ impl EtcdStore {
                     lease: kv.lease(),
                     mod_revision: kv.mod_revision(),
                 }),
-                _ => tracing::warn!(key = ?String::from_utf8_lossy(kv.key()), "ignoring unreadable record"),
+                _ => {
+                    tracing::warn!(key = ?String::from_utf8_lossy(kv.key()), "ignoring unreadable record")
+                }
             }
         }
         Ok(out)
@@ -134,12 +136,20 @@ impl EtcdStore {
         Ok(r.id())
     }
 
-    async fn put_if(&self, cmp: Compare, key: String, rec: &NodeRecord, lease: i64) -> StoreResult<bool> {
+    async fn put_if(
+        &self,
+        cmp: Compare,
+        key: String,
+        rec: &NodeRecord,
+        lease: i64,
+    ) -> StoreResult<bool> {
         let mut c = self.client.clone();
         let val = serde_json::to_vec(rec).expect("serialisable");
-        let txn = Txn::new()
-            .when([cmp])
-            .and_then([TxnOp::put(key, val, Some(PutOptions::new().with_lease(lease)))]);
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
+            key,
+            val,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
         let r = timed(&self.endpoints, "reserve subnet", c.txn(txn)).await?;
         Ok(r.succeeded())
     }
@@ -181,17 +191,25 @@ impl Store for EtcdStore {
                     expired: false, // etcd deletes expired keys itself
                 })
                 .collect();
-            let (subnet, cmp, old_lease) =
-                match record::allocate(reg.cluster, reg.subnet_len, &reg.node, &reservations, &skip)? {
-                    Allocation::Keep(s) => {
-                        let kv = kvs.iter().find(|kv| kv.subnet == s).expect("listed");
-                        let cmp = Compare::mod_revision(self.key(s), CompareOp::Equal, kv.mod_revision);
-                        (s, cmp, Some(kv.lease))
-                    }
-                    Allocation::Take(s) => {
-                        (s, Compare::create_revision(self.key(s), CompareOp::Equal, 0), None)
-                    }
-                };
+            let (subnet, cmp, old_lease) = match record::allocate(
+                reg.cluster,
+                reg.subnet_len,
+                &reg.node,
+                &reservations,
+                &skip,
+                reg.prefer,
+            )? {
+                Allocation::Keep(s) => {
+                    let kv = kvs.iter().find(|kv| kv.subnet == s).expect("listed");
+                    let cmp = Compare::mod_revision(self.key(s), CompareOp::Equal, kv.mod_revision);
+                    (s, cmp, Some(kv.lease))
+                }
+                Allocation::Take(s) => (
+                    s,
+                    Compare::create_revision(self.key(s), CompareOp::Equal, 0),
+                    None,
+                ),
+            };
             let rec = reg.record(subnet);
             if self.put_if(cmp, self.key(subnet), &rec, lease).await? {
                 if let Some(old) = old_lease.filter(|l| *l != 0 && *l != lease) {
@@ -200,7 +218,12 @@ impl Store for EtcdStore {
                     let _ = timed(&self.endpoints, "revoke old lease", c.lease_revoke(old)).await;
                 }
                 let mut c = self.client.clone();
-                let keeper = timed(&self.endpoints, "keep lease alive", c.lease_keep_alive(lease)).await?;
+                let keeper = timed(
+                    &self.endpoints,
+                    "keep lease alive",
+                    c.lease_keep_alive(lease),
+                )
+                .await?;
                 *self.own.lock().await = Some(Own {
                     subnet,
                     lease,
@@ -230,7 +253,6 @@ impl Store for EtcdStore {
 
     async fn changed(&self) {
         self.notify.notified().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     async fn renew(&self) -> StoreResult<()> {
@@ -272,7 +294,8 @@ impl Store for EtcdStore {
             rec.left = true;
             let cmp = Compare::mod_revision(self.key(kv.subnet), CompareOp::Equal, kv.mod_revision);
             // Keep the lease: the subnet stays reserved until it expires.
-            self.put_if(cmp, self.key(kv.subnet), &rec, kv.lease).await?;
+            self.put_if(cmp, self.key(kv.subnet), &rec, kv.lease)
+                .await?;
         }
         if !found {
             return Err(StoreError::NotRegistered(node.to_string()));
@@ -284,4 +307,3 @@ impl Store for EtcdStore {
         Ok(())
     }
 }
-

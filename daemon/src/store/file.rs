@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
 use nix::fcntl::{Flock, FlockArg};
@@ -191,7 +191,14 @@ impl Inner {
                 expired: e.expires_ms <= now,
             })
             .collect();
-        let subnet = match record::allocate(reg.cluster, reg.subnet_len, &reg.node, &reservations, &[])? {
+        let subnet = match record::allocate(
+            reg.cluster,
+            reg.subnet_len,
+            &reg.node,
+            &reservations,
+            &[],
+            reg.prefer,
+        )? {
             Allocation::Keep(s) | Allocation::Take(s) => s,
         };
         let rec = reg.record(subnet);
@@ -283,8 +290,6 @@ impl Store for FileStore {
 
     async fn changed(&self) {
         self.notify.notified().await;
-        // Let a burst of writes settle into one reconcile.
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     async fn renew(&self) -> StoreResult<()> {
@@ -301,6 +306,7 @@ impl Store for FileStore {
 mod tests {
     use super::*;
     use crate::record::Mac;
+    use std::time::Duration;
 
     struct TempDir(PathBuf);
     impl TempDir {
@@ -329,6 +335,7 @@ mod tests {
             cluster: "10.244.0.0/16".parse().unwrap(),
             subnet_len: 24,
             ttl,
+            prefer: None,
         }
     }
 
@@ -344,12 +351,21 @@ mod tests {
         let d = TempDir::new("fs1");
         rt().block_on(async {
             let s = FileStore::open(&d.0.join("store")).unwrap();
-            let a = s.register(&reg("a", Duration::from_secs(60))).await.unwrap();
-            let b = s.register(&reg("b", Duration::from_secs(60))).await.unwrap();
+            let a = s
+                .register(&reg("a", Duration::from_secs(60)))
+                .await
+                .unwrap();
+            let b = s
+                .register(&reg("b", Duration::from_secs(60)))
+                .await
+                .unwrap();
             assert_ne!(a.subnet, b.subnet);
             // Restart: same subnet.
             let s2 = FileStore::open(&d.0.join("store")).unwrap();
-            let a2 = s2.register(&reg("a", Duration::from_secs(60))).await.unwrap();
+            let a2 = s2
+                .register(&reg("a", Duration::from_secs(60)))
+                .await
+                .unwrap();
             assert_eq!(a2.subnet, a.subnet);
             assert_eq!(s2.nodes().await.unwrap().len(), 2);
             s2.leave("a").await.unwrap();
@@ -357,10 +373,16 @@ mod tests {
             assert_eq!(n.len(), 1);
             assert_eq!(n[0].node, "b");
             // a left but its lease runs: c must not get a's subnet.
-            let c = s2.register(&reg("c", Duration::from_secs(60))).await.unwrap();
+            let c = s2
+                .register(&reg("c", Duration::from_secs(60)))
+                .await
+                .unwrap();
             assert_ne!(c.subnet, a.subnet);
             assert_ne!(c.subnet, b.subnet);
-            assert!(matches!(s2.leave("zz").await, Err(StoreError::NotRegistered(_))));
+            assert!(matches!(
+                s2.leave("zz").await,
+                Err(StoreError::NotRegistered(_))
+            ));
         });
     }
 
@@ -368,13 +390,20 @@ mod tests {
     fn expired_subnet_is_reused() {
         let d = TempDir::new("fs2");
         let s = FileStore::open(&d.0).unwrap();
-        let a = s.inner.register(&reg("a", Duration::from_secs(60))).unwrap();
+        let a = s
+            .inner
+            .register(&reg("a", Duration::from_secs(60)))
+            .unwrap();
         // Age a's record.
-        let mut e: Entry = serde_json::from_slice(&fs::read(s.inner.path_of(a.subnet)).unwrap()).unwrap();
+        let mut e: Entry =
+            serde_json::from_slice(&fs::read(s.inner.path_of(a.subnet)).unwrap()).unwrap();
         e.expires_ms = now_ms() - 1;
         s.inner.write(&e).unwrap();
         assert!(s.inner.nodes().unwrap().is_empty());
-        let b = s.inner.register(&reg("b", Duration::from_secs(60))).unwrap();
+        let b = s
+            .inner
+            .register(&reg("b", Duration::from_secs(60)))
+            .unwrap();
         assert_eq!(b.subnet, a.subnet);
     }
 
@@ -404,7 +433,10 @@ mod tests {
     fn renew_extends_and_detects_loss() {
         let d = TempDir::new("fs4");
         let s = FileStore::open(&d.0).unwrap();
-        let a = s.inner.register(&reg("a", Duration::from_secs(10))).unwrap();
+        let a = s
+            .inner
+            .register(&reg("a", Duration::from_secs(10)))
+            .unwrap();
         let path = s.inner.path_of(a.subnet);
         let mut e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         e.expires_ms = now_ms() + 1000;
@@ -421,6 +453,9 @@ mod tests {
         let e = FileStore::open(Path::new("/nonexistent-ferry-parent/store"))
             .err()
             .unwrap();
-        assert!(e.to_string().contains("parent directory does not exist"), "{e}");
+        assert!(
+            e.to_string().contains("parent directory does not exist"),
+            "{e}"
+        );
     }
 }

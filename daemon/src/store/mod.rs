@@ -26,6 +26,9 @@ pub struct Registration {
     pub cluster: Ipv4Network,
     pub subnet_len: u8,
     pub ttl: Duration,
+    /// The subnet this node's pods already use (from the conflist it wrote
+    /// earlier), tried first when the store has no record of the node.
+    pub prefer: Option<Ipv4Network>,
 }
 
 impl Registration {
@@ -77,8 +80,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// A backend of cluster state.
 pub trait Store: Send + Sync + 'static {
     /// Finds or allocates this node's subnet and publishes its record.
-    fn register(&self, reg: &Registration)
-        -> impl Future<Output = StoreResult<NodeRecord>> + Send;
+    fn register(&self, reg: &Registration) -> impl Future<Output = StoreResult<NodeRecord>> + Send;
     /// Live records of all nodes (this one included), without those that
     /// left or whose lease expired.
     fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
