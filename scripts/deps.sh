@@ -15,6 +15,8 @@ ferry_install_deps() {
   command -v sysctl >/dev/null || need+=(procps)
   [ -x /usr/bin/python3 ] || need+=(python3)
   [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+  command -v podman >/dev/null || need+=(podman)
+  dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
   if [ ${#need[@]} -gt 0 ]; then
     echo "==> installing ${need[*]}"
     if [ "$(id -u)" -ne 0 ]; then
@@ -22,6 +24,9 @@ ferry_install_deps() {
       return 1
     fi
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # podman's package ships /etc/cni/net.d/87-podman-bridge.conflist; /etc/cni stays untouched.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      -o 'Dpkg::Options::=--path-exclude=/etc/cni' -o 'Dpkg::Options::=--path-exclude=/etc/cni/*' \
+      "${need[@]}" >/dev/null
   fi
 }
