@@ -23,6 +23,7 @@ pub const ABOUT: &str = concat!(
 /// Entry point for every verb but VERSION (answered by the skeleton).
 pub fn run(env: &CniEnv, stdin: &[u8]) -> CniResult<Option<String>> {
     let conf = NetConf::parse(stdin)?;
+    conf.version.allows(env.command)?;
     let bc = BridgeConfig::parse(&conf, env)?;
     log::init(bc.log_file.as_deref());
     let ctx = Ctx {
@@ -262,15 +263,6 @@ impl Ctx<'_> {
     }
 
     fn check(&self) -> CniResult<()> {
-        if !self.conf.version.has_check() {
-            return Err(CniError::new(
-                Code::IncompatibleVersion,
-                format!(
-                    "CHECK is not defined for cniVersion {}",
-                    self.conf.version.as_str()
-                ),
-            ));
-        }
         let prev = self.conf.prev_result.as_ref().ok_or_else(|| {
             CniError::new(Code::InvalidConfig, "CHECK needs prevResult in the config")
         })?;
@@ -358,7 +350,6 @@ impl Ctx<'_> {
     }
 
     fn status(&self) -> CniResult<()> {
-        self.require_1_1("STATUS")?;
         if let Some(ready) = &self.bc.ferryd_ready_file {
             if !ready.exists() {
                 return Err(CniError::new(
@@ -381,7 +372,6 @@ impl Ctx<'_> {
     }
 
     fn gc(&self) -> CniResult<()> {
-        self.require_1_1("GC")?;
         let valid: HashSet<(String, String)> = self
             .conf
             .valid_attachments()?
@@ -415,20 +405,6 @@ impl Ctx<'_> {
                 delegate::exec(self.env, other, Command::Gc, self.stdin).map(|_| ())
             }
             _ => Ok(()),
-        }
-    }
-
-    fn require_1_1(&self, verb: &str) -> CniResult<()> {
-        if self.conf.version.has_status_and_gc() {
-            Ok(())
-        } else {
-            Err(CniError::new(
-                Code::IncompatibleVersion,
-                format!(
-                    "{verb} needs cniVersion 1.1.0, config has {}",
-                    self.conf.version.as_str()
-                ),
-            ))
         }
     }
 

@@ -1,5 +1,6 @@
 //! CNI spec versions ferry speaks and how results differ between them.
 
+use super::env::Command;
 use super::error::{CniError, CniResult, Code};
 
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -63,6 +64,27 @@ impl Version {
     pub fn has_status_and_gc(self) -> bool {
         self >= Version::V1_1_0
     }
+
+    /// Whether a config of this version may be used with `command`.
+    pub fn allows(self, command: Command) -> CniResult<()> {
+        let ok = match command {
+            Command::Check => self.has_check(),
+            Command::Status | Command::Gc => self.has_status_and_gc(),
+            Command::Add | Command::Del | Command::Version => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                Code::IncompatibleVersion,
+                format!(
+                    "{} is not defined for cniVersion {}",
+                    command.as_str(),
+                    self.as_str()
+                ),
+            ))
+        }
+    }
 }
 
 /// The VERSION verb's answer.
@@ -83,5 +105,14 @@ mod tests {
             assert_eq!(Version::parse(bad).unwrap_err().code, 1, "{bad}");
         }
         assert!(Version::V0_4_0 < Version::V1_0_0);
+    }
+
+    #[test]
+    fn verbs_are_gated_by_version() {
+        assert!(Version::V0_3_1.allows(Command::Check).is_err());
+        assert!(Version::V0_4_0.allows(Command::Check).is_ok());
+        assert_eq!(Version::V1_0_0.allows(Command::Gc).unwrap_err().code, 1);
+        assert!(Version::V1_1_0.allows(Command::Status).is_ok());
+        assert!(Version::V0_3_0.allows(Command::Add).is_ok());
     }
 }

@@ -19,7 +19,6 @@ use ipnetwork::IpNetwork;
 use nix::unistd::{access, AccessFlags};
 
 use crate::cni::error::io_error;
-use crate::cni::version::{version_json, LATEST};
 use crate::cni::{CniEnv, CniError, CniOutput, CniResult, Code, Command, Dns, IpConfig, NetConf};
 use alloc::AllocError;
 use config::IpamConfig;
@@ -345,35 +344,15 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
 
 /// The binary's dispatch: stdout text for the verb, if any.
 pub fn run(env: &CniEnv, stdin: &[u8]) -> CniResult<Option<String>> {
-    if env.command == Command::Version {
-        let asked: serde_json::Value = serde_json::from_slice(stdin).unwrap_or_default();
-        return Ok(Some(version_json(
-            asked["cniVersion"].as_str().unwrap_or(LATEST),
-        )));
-    }
     let conf = NetConf::parse(stdin)?;
-    let allowed = match env.command {
-        Command::Check => conf.version.has_check(),
-        Command::Status | Command::Gc => conf.version.has_status_and_gc(),
-        _ => true,
-    };
-    if !allowed {
-        return Err(CniError::new(
-            Code::IncompatibleVersion,
-            format!(
-                "config version {} does not allow {}",
-                conf.version.as_str(),
-                env.command.as_str()
-            ),
-        ));
-    }
+    conf.version.allows(env.command)?;
     match env.command {
         Command::Add => return Ok(Some(add(&conf, env)?.to_json(conf.version))),
         Command::Del => del(&conf, env)?,
         Command::Check => check(&conf, env)?,
         Command::Status => status(&conf)?,
         Command::Gc => gc(&conf)?,
-        Command::Version => unreachable!("handled above"),
+        Command::Version => unreachable!("answered by cni::skel"),
     }
     Ok(None)
 }
