@@ -9,22 +9,32 @@
 #   hand-direct  the same pods with a plain route via the peer (no encap)
 #   ferry-vxlan  pod -> pod through ferryd's overlay, pods wired by `ferry`
 #   ferry-direct pod -> pod with ferryd --direct-routing (same L2: no encap)
+#   ferry-vxlan-nomasq  ferry-vxlan with --masquerade false (no nat chain,
+#                so no conntrack: what the hand-built paths have)
 #
 # and node-join convergence: a new node's ferryd starts -> a pod on it is
 # reachable from every existing pod, on the file store and on etcd.
 #
 # Usage: scripts/bench-overlay.sh [--time=SECONDS] [--repeat=N] [--no-build]
+#        [--paths=underlay,hand-vxlan,...] [--no-converge]
+#        [--gro]   turn GRO on on every node's underlay veth (as on a real NIC)
 set -euo pipefail
 
 TIME=5
 REPEAT=5
 BUILD=1
+ONLY=""
+CONVERGE=1
+GRO=0
 for a in "$@"; do
     case "$a" in
         --time=*) TIME=${a#*=} ;;
         --repeat=*) REPEAT=${a#*=} ;;
         --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --paths=*) ONLY=${a#*=} ;;
+        --no-converge) CONVERGE=0 ;;
+        --gro) GRO=1 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown argument $a" >&2; exit 2 ;;
     esac
 done
@@ -42,6 +52,7 @@ need() { # command package
     echo "installing $2 ..." >&2
     apt-get install -y -q "$2" >/dev/null
 }
+[[ $GRO == 0 ]] || need ethtool ethtool
 need iperf3 iperf3; need ping iputils-ping; need jq jq; need nft nftables; need etcd etcd-server
 
 cleanup() {
@@ -73,6 +84,9 @@ add_node() {
     ip -n "$ul" link set "v$i" master br0 up
     ip -n "$N" addr add "192.168.77.$((10 + i))/24" dev eth0
     ip -n "$N" link set eth0 up
+    # A real NIC receives with GRO on; a veth does not by default. With it,
+    # VXLAN packets are aggregated before decapsulation (UDP tunnel GRO).
+    [[ $GRO == 0 ]] || x "$N" ethtool -K eth0 gro on
 }
 
 # One iperf3 run from ns $1 to address $2 (server in ns $3); prints Gbit/s.
@@ -97,7 +111,10 @@ median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
 # (other load, a VM's neighbours) hits every path alike.
 declare -A PATHSPEC
 ORDER=()
-path() { PATHSPEC[$1]="$2 $3 $4"; ORDER+=("$1"); }
+path() {
+    [[ -z $ONLY || ",$ONLY," == *",$1,"* ]] || return 0
+    PATHSPEC[$1]="$2 $3 $4"; ORDER+=("$1")
+}
 
 start_ferryd() { # tag node-index store [extra args]
     local tag=$1 i=$2 store=$3 D="$TMP/$1/node$2"
@@ -183,10 +200,14 @@ log "hand-built direct route (pod -> pod)"
 hand direct
 
 # --- ferry VXLAN and DirectRouting ---------------------------------------------
-for mode in vxlan direct; do
+for mode in vxlan direct vxlan-nomasq; do
+    [[ -z $ONLY || ",$ONLY," == *",ferry-$mode,"* ]] || continue
     log "ferry $mode (pod -> pod, ferryd on the file store)"
     extra=()
     [[ $mode == direct ]] && extra=(--direct-routing)
+    # Egress masquerade off: no nat chain, so no conntrack on the path (as in
+    # the hand-built references, which have no masquerade either).
+    [[ $mode == vxlan-nomasq ]] && extra=(--masquerade false)
     underlay "f$mode" 2
     for i in 1 2; do start_ferryd "f$mode" "$i" "file:$TMP/f$mode/store" "${extra[@]}"; done
     for i in 1 2; do wait_ready "f$mode" "$i"; done
@@ -263,28 +284,33 @@ converge() { # store-kind
     log "  $kind: ready after ${RESULT[converge-$kind-ready]} ms, reachable from all 3 existing pods after ${RESULT[converge-$kind-reach]} ms"
     teardown
 }
-log "node-join convergence"
-converge file
-converge etcd
+if [[ $CONVERGE == 1 ]]; then
+    log "node-join convergence"
+    converge file
+    converge etcd
+fi
+[[ -z $ONLY ]] || { log "partial run (--paths): no summary"; for p in "${ORDER[@]}"; do log "$p: median ${RESULT[$p-gbps]} Gbit/s, rtt ${RESULT[$p-rtt]} ms"; done; exit 0; }
 
-ratio() { echo "scale=3; $1 / $2" | bc; }
+ratio() { [[ $1 == n/a || $2 == n/a ]] && { echo n/a; return; }; echo "scale=3; $1 / $2" | bc; }
 cat <<EOF
 
-ferry overlay benchmark ($(nproc) cores, kernel $(uname -r), iperf3 ${TIME}s, median of $REPEAT round-robin runs, 1 TCP stream)
+ferry overlay benchmark (underlay GRO $([[ $GRO == 1 ]] && echo on || echo off), $(nproc) cores, kernel $(uname -r), iperf3 ${TIME}s, median of $REPEAT round-robin runs, 1 TCP stream)
 runs (Gbit/s): $(for p in "${ORDER[@]}"; do printf '%s:%s ' "$p" "$(echo ${RUNS[$p]} | tr ' ' ',')"; done)
 
 path                               Gbit/s   rtt ms
-underlay node<->node               $(printf '%6s' "${RESULT[underlay-gbps]}")   ${RESULT[underlay-rtt]}
-hand-built flannel VXLAN pod->pod  $(printf '%6s' "${RESULT[hand-vxlan-gbps]}")   ${RESULT[hand-vxlan-rtt]}
-ferry VXLAN pod->pod               $(printf '%6s' "${RESULT[ferry-vxlan-gbps]}")   ${RESULT[ferry-vxlan-rtt]}
-hand-built direct route pod->pod   $(printf '%6s' "${RESULT[hand-direct-gbps]}")   ${RESULT[hand-direct-rtt]}
-ferry DirectRouting pod->pod       $(printf '%6s' "${RESULT[ferry-direct-gbps]}")   ${RESULT[ferry-direct-rtt]}
+underlay node<->node               $(printf '%6s' "${RESULT[underlay-gbps]:-n/a}")   ${RESULT[underlay-rtt]:-n/a}
+hand-built flannel VXLAN pod->pod  $(printf '%6s' "${RESULT[hand-vxlan-gbps]:-n/a}")   ${RESULT[hand-vxlan-rtt]:-n/a}
+ferry VXLAN pod->pod               $(printf '%6s' "${RESULT[ferry-vxlan-gbps]:-n/a}")   ${RESULT[ferry-vxlan-rtt]:-n/a}
+ferry VXLAN, masquerade off        $(printf '%6s' "${RESULT[ferry-vxlan-nomasq-gbps]:-n/a}")   ${RESULT[ferry-vxlan-nomasq-rtt]:-n/a}
+hand-built direct route pod->pod   $(printf '%6s' "${RESULT[hand-direct-gbps]:-n/a}")   ${RESULT[hand-direct-rtt]:-n/a}
+ferry DirectRouting pod->pod       $(printf '%6s' "${RESULT[ferry-direct-gbps]:-n/a}")   ${RESULT[ferry-direct-rtt]:-n/a}
 
-ferry VXLAN / hand-built VXLAN     $(ratio "${RESULT[ferry-vxlan-gbps]}" "${RESULT[hand-vxlan-gbps]}")   (target >= 0.98)
-ferry DirectRouting / underlay     $(ratio "${RESULT[ferry-direct-gbps]}" "${RESULT[underlay-gbps]}")   (target >= 0.95; the pod path adds two veth+bridge hops)
-ferry DirectRouting / hand direct  $(ratio "${RESULT[ferry-direct-gbps]}" "${RESULT[hand-direct-gbps]}")
+ferry VXLAN / hand-built VXLAN     $(ratio "${RESULT[ferry-vxlan-gbps]:-n/a}" "${RESULT[hand-vxlan-gbps]:-n/a}")   (target >= 0.98)
+  same, masquerade off             $(ratio "${RESULT[ferry-vxlan-nomasq-gbps]:-n/a}" "${RESULT[hand-vxlan-gbps]:-n/a}")
+ferry DirectRouting / underlay     $(ratio "${RESULT[ferry-direct-gbps]:-n/a}" "${RESULT[underlay-gbps]:-n/a}")   (target >= 0.95; the pod path adds two veth+bridge hops)
+ferry DirectRouting / hand direct  $(ratio "${RESULT[ferry-direct-gbps]:-n/a}" "${RESULT[hand-direct-gbps]:-n/a}")
 
 node join (new ferryd -> ready / -> pod on it reachable from every existing pod)
-file store                         ${RESULT[converge-file-ready]} ms / ${RESULT[converge-file-reach]} ms   (target <= 1000)
-etcd                               ${RESULT[converge-etcd-ready]} ms / ${RESULT[converge-etcd-reach]} ms   (target <= 2000)
+file store                         ${RESULT[converge-file-ready]:-n/a} ms / ${RESULT[converge-file-reach]:-n/a} ms   (target <= 1000)
+etcd                               ${RESULT[converge-etcd-ready]:-n/a} ms / ${RESULT[converge-etcd-reach]:-n/a} ms   (target <= 2000)
 EOF

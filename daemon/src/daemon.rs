@@ -194,14 +194,30 @@ pub async fn run<S: Store>(
     full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned_bins = false;
     let mut left = false;
+    let mut last_nodes: Option<Vec<NodeRecord>> = None;
     loop {
         // Reconcile.
         let t0 = Instant::now();
-        let result = async {
-            let nodes = store.nodes().await?;
-            reconcile_kernel(&s, &rec, nodes).await
-        }
-        .await;
+        // An unreachable store does not make the node unready: the kernel
+        // keeps (and ferryd keeps enforcing) the last known overlay.
+        let nodes = match store.nodes().await {
+            Ok(n) => {
+                last_nodes = Some(n.clone());
+                Some(n)
+            }
+            Err(e) => {
+                status.store_errors.fetch_add(1, Relaxed);
+                tracing::warn!("reading the store: {e}; using the last known nodes");
+                last_nodes.clone()
+            }
+        };
+        let result = match nodes {
+            Some(nodes) => reconcile_kernel(&s, &rec, nodes).await,
+            None => Err(DaemonError::Io {
+                what: "no node list read from the store yet".into(),
+                source: std::io::Error::other("store unavailable"),
+            }),
+        };
         status.reconciles.fetch_add(1, Relaxed);
         status
             .last_reconcile_micros

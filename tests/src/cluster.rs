@@ -166,15 +166,29 @@ pub struct Pod {
 
 /// `etcd` inside the underlay namespace.
 pub struct Etcd {
-    child: Child,
-    _dir: TempDir,
+    child: Option<Child>,
+    dir: TempDir,
 }
 
 impl Etcd {
     fn start(underlay: &Netns) -> Etcd {
-        let dir = TempDir::new();
-        let data = dir.path().join("data");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let mut etcd = Etcd {
+            child: None,
+            dir: TempDir::new(),
+        };
+        etcd.spawn(underlay);
+        etcd
+    }
+
+    /// Starts etcd (again) on its data dir and waits until it listens.
+    pub fn spawn(&mut self, underlay: &Netns) {
+        assert!(self.child.is_none(), "etcd already running");
+        let data = self.dir.path().join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
         let child = underlay
             .command(&[
                 "etcd",
@@ -198,25 +212,32 @@ impl Etcd {
             .stderr(log)
             .spawn()
             .expect("etcd is installed (package etcd-server)");
-        let etcd = Etcd { child, _dir: dir };
+        self.child = Some(child);
         let up = wait_until(Duration::from_secs(20), || {
             underlay
                 .exec(&["bash", "-c", "exec 3<>/dev/tcp/192.168.77.254/2379"])
                 .status
                 .success()
         });
-        assert!(up, "etcd did not come up: {}", etcd.log());
-        etcd
+        assert!(up, "etcd did not come up: {}", self.log());
     }
+
+    /// Kills etcd (SIGKILL), keeping its data.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("etcd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

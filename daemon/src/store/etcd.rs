@@ -260,24 +260,53 @@ impl Store for EtcdStore {
         let Some(o) = own.as_mut() else {
             return Ok(());
         };
-        let alive = match o.keeper.as_mut() {
-            Some((keeper, stream)) => {
-                timed(&self.endpoints, "keep lease alive", keeper.keep_alive()).await?;
-                match timed(&self.endpoints, "keep lease alive", stream.message()).await? {
-                    Some(r) => r.ttl() > 0,
-                    None => false,
-                }
+        // The keep-alive stream dies with the connection (an etcd restart):
+        // open a new one on the same lease when needed.
+        if o.keeper.is_none() {
+            let mut c = self.client.clone();
+            o.keeper = Some(
+                timed(
+                    &self.endpoints,
+                    "keep lease alive",
+                    c.lease_keep_alive(o.lease),
+                )
+                .await?,
+            );
+        }
+        let (keeper, stream) = o.keeper.as_mut().expect("set above");
+        let answer = async {
+            timed(&self.endpoints, "keep lease alive", keeper.keep_alive()).await?;
+            timed(&self.endpoints, "keep lease alive", stream.message()).await
+        }
+        .await;
+        let alive = match answer {
+            Ok(Some(r)) => r.ttl() > 0,
+            Ok(None) => {
+                o.keeper = None;
+                false
             }
-            None => false,
+            Err(e) => {
+                o.keeper = None;
+                return Err(e);
+            }
         };
         let lease = o.lease;
         let subnet = o.subnet;
         drop(own);
-        // Still ours and attached to our lease?
-        let kvs = self.list().await?;
-        match kvs.iter().find(|kv| kv.subnet == subnet) {
-            Some(kv) if alive && kv.lease == lease && !kv.record.left => Ok(()),
-            Some(kv) if kv.record.left => Err(StoreError::Left(kv.record.node.clone())),
+        // Still ours and attached to our lease? One key, not the prefix:
+        // this runs every few seconds on every node.
+        let mut c = self.client.clone();
+        let resp = timed(
+            &self.endpoints,
+            "read own record",
+            c.get(self.key(subnet), None),
+        )
+        .await?;
+        let kv = resp.kvs().first();
+        let rec = kv.and_then(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok());
+        match (kv, rec) {
+            (Some(kv), Some(r)) if alive && kv.lease() == lease && !r.left => Ok(()),
+            (Some(_), Some(r)) if r.left => Err(StoreError::Left(r.node)),
             _ => Err(StoreError::NotRegistered(String::new())),
         }
     }
