@@ -370,6 +370,52 @@ fn with_socket<T>(
     })
 }
 
+/// Hand this thread's nfnetlink socket to a child that outlives the
+/// process, so the kernel's flush on its close (an RCU grace period, 10-20
+/// ms here, whenever any delete is pending in nf_tables) is not paid by a
+/// plugin the runtime is waiting for. The child keeps only that socket and
+/// a pipe whose other end closes when we exit; it has no stdio, so a
+/// runtime reading our stdout to EOF does not wait for it either.
+pub fn release_socket_in_background() {
+    use nix::unistd::{fork, pipe2, ForkResult};
+    use std::os::fd::AsRawFd;
+
+    let Some((_, nl)) = SOCKET.with_borrow_mut(Option::take) else {
+        return;
+    };
+    let Ok((wait_end, hold_end)) = pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        return; // closing `nl` here just pays the wait ourselves
+    };
+    // SAFETY: the plugin is single-threaded; the child only makes raw
+    // syscalls and leaves with _exit.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            let keep = [nl.as_raw_fd(), wait_end.as_raw_fd()];
+            // SAFETY: plain syscalls on descriptors this process owns.
+            unsafe {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                for fd in 0..=2 {
+                    libc::dup2(null, fd);
+                }
+                let (lo, hi) = (keep[0].min(keep[1]), keep[0].max(keep[1]));
+                libc::close_range(3, (lo - 1) as u32, 0);
+                libc::close_range((lo + 1) as u32, (hi - 1) as u32, 0);
+                libc::close_range((hi + 1) as u32, u32::MAX, 0);
+                let mut byte = 0u8;
+                libc::read(wait_end.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(0)
+            }
+        }
+        Ok(ForkResult::Parent { .. }) => {
+            // Held open until we exit: that EOF releases the child.
+            std::mem::forget(hold_end);
+            drop(wait_end);
+        }
+        Err(_) => {}
+    }
+    drop(nl);
+}
+
 /// Exclusive lock for the current network namespace, held until dropped.
 /// flock(2) on the nsfs file locks the namespace's inode, shared by every
 /// process that opens it.

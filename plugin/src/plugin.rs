@@ -174,6 +174,7 @@ impl Ctx<'_> {
             nft::add_masq(&self.masq_entries(&key, &pod_ips))
                 .map_err(|e| nft_error("cannot set up masquerade", e))?;
             done.masq = true;
+            nft::release_socket_in_background();
         }
         Ok(CniOutput {
             interfaces: vec![
@@ -234,8 +235,6 @@ impl Ctx<'_> {
         let store = self.store();
         let record = store.load(container_id, ifname)?;
         let key = attachment::key(&self.conf.name, container_id, ifname);
-        // Masquerade first: the link delete below hands the nftables
-        // socket's slow close to its child (see delete_link_detached).
         match &record {
             Some(rec) if rec.ip_masq => nft::del_masq(&self.masq_entries(&key, &rec.ips)),
             // No record (a crash before it was written, or data lost):
@@ -244,6 +243,7 @@ impl Ctx<'_> {
             _ => Ok(()),
         }
         .map_err(|e| nft_error("cannot remove masquerade", e))?;
+        nft::release_socket_in_background();
         let host_veth = attachment::host_veth_name(&self.conf.name, container_id, ifname);
         pod::delete_link_detached(nl, &host_veth)
     }

@@ -303,8 +303,7 @@ pub fn delete_link(nl: &mut Netlink, name: &str) -> CniResult<()> {
 /// frees it: 10-40 ms here, most of a DEL. A forked child issues the delete
 /// and pays that wait; we poll until the name is gone (or the child reports
 /// an error) and return. The child holds no stdio, so a runtime reading our
-/// stdout to EOF does not wait for it, and it inherits the nftables socket,
-/// so the kernel's flush on that socket's close lands on it too.
+/// stdout to EOF does not wait for it.
 pub fn delete_link_detached(nl: &mut Netlink, name: &str) -> CniResult<()> {
     use nix::unistd::{fork, pipe2, ForkResult};
     use std::io::Read;

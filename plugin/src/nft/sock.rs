@@ -30,6 +30,12 @@ pub struct Nfnl {
     buf: Vec<u8>,
 }
 
+impl std::os::fd::AsRawFd for Nfnl {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
 impl Nfnl {
     pub fn open() -> Result<Self, NftError> {
         let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
