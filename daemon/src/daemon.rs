@@ -183,7 +183,7 @@ pub async fn run<S: Store>(
         tokio::spawn(health::serve(l, status.clone()));
     }
     // Pods on this node route through it.
-    if let Err(e) = kernel::set_sysctl("ipv4/ip_forward", "1") {
+    if let Err(e) = ferry::sysctl::set_net("ipv4/ip_forward", "1") {
         tracing::warn!("cannot enable ipv4 forwarding: {e}");
     }
 

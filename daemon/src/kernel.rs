@@ -583,14 +583,6 @@ pub fn reconcile(
 }
 
 /// Writes a sysctl of the current network namespace (`/proc/sys/net/...`).
-pub fn set_sysctl(path: &str, value: &str) -> std::io::Result<()> {
-    let p = format!("/proc/sys/net/{path}");
-    if std::fs::read_to_string(&p)?.trim() == value {
-        return Ok(());
-    }
-    std::fs::write(p, value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,3 +11,4 @@ pub mod netns;
 pub mod nft;
 pub mod plugin;
 pub mod pod;
+pub mod sysctl;

@@ -124,13 +124,11 @@ pub fn random_mac() -> [u8; 6] {
 /// Write a sysctl under /proc/sys/net of the current namespace. Missing
 /// files (IPv6 disabled) are not an error: there is nothing to harden then.
 pub fn set_sysctl(path: &str, value: &str) -> CniResult<()> {
-    let full = format!("/proc/sys/net/{path}");
-    match std::fs::read_to_string(&full) {
-        Ok(cur) if cur.trim() == value => Ok(()),
-        Ok(_) => std::fs::write(&full, value)
-            .map_err(|e| CniError::new(Code::Io, format!("cannot set {full}")).with_details(e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(CniError::new(Code::Io, format!("cannot read {full}")).with_details(e)),
+    match crate::sysctl::set_net(path, value) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(CniError::new(Code::Io, format!("cannot set /proc/sys/net/{path}")).with_details(e))
+        }
+        _ => Ok(()),
     }
 }
 
