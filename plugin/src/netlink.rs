@@ -13,7 +13,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -76,8 +77,10 @@ impl Netlink {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
-        // Errors need not echo our request back.
+        // Errors need not echo our request back; dumps honour the filters
+        // in the request (one link's addresses, not the whole namespace's).
         let _ = sock.set_cap_ack(true);
+        let _ = sock.set_netlink_get_strict_chk(true);
         Ok(Netlink {
             sock,
             seq: 0,
@@ -174,6 +177,9 @@ impl Netlink {
     pub fn link_by_name(&mut self, name: &str) -> NlResult<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        // Statistics are most of the answer and nobody here reads them.
+        msg.attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
         let seq = self.send(RouteNetlinkMessage::GetLink(msg), NLM_F_ACK)?;
         let mut found = None;
         match self.receive("get link", seq, |m| {
@@ -267,10 +273,9 @@ impl Netlink {
 
     /// Addresses of a link (all links when `index` is 0).
     pub fn addresses(&mut self, index: u32) -> NlResult<Vec<IpNetwork>> {
-        let msgs = self.dump(
-            "list addresses",
-            RouteNetlinkMessage::GetAddress(Default::default()),
-        )?;
+        let mut q = AddressMessage::default();
+        q.header.index = index;
+        let msgs = self.dump("list addresses", RouteNetlinkMessage::GetAddress(q))?;
         Ok(msgs
             .into_iter()
             .filter_map(|m| match m {
