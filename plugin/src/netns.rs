@@ -21,52 +21,39 @@ pub struct Netns {
     file: File,
 }
 
-/// Why a namespace path was refused.
-#[derive(Debug)]
-pub enum NetnsError {
-    Missing,
-    Refused(String),
-}
-
 impl Netns {
-    /// Open `path` and check it is a network namespace other than our own.
-    pub fn open(path: &str) -> Result<Netns, NetnsError> {
+    /// Open a container's namespace: `path` must be a network namespace and
+    /// not our own. Missing means the container is unknown (code 3).
+    pub fn open_for_container(path: &str) -> CniResult<Netns> {
+        let refused = |why: String| CniError::new(Code::InvalidEnv, why);
         let file = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(NetnsError::Missing),
-            Err(e) => return Err(NetnsError::Refused(format!("cannot open {path}: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CniError::new(
+                    Code::UnknownContainer,
+                    format!("network namespace {path} does not exist"),
+                ))
+            }
+            Err(e) => return Err(refused(format!("cannot open {path}: {e}"))),
         };
         let fs = nix::sys::statfs::fstatfs(file.as_fd())
-            .map_err(|e| NetnsError::Refused(format!("statfs {path}: {e}")))?;
+            .map_err(|e| refused(format!("statfs {path}: {e}")))?;
         // SAFETY: the ioctl takes no argument and only reads the fd's type.
         let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
         if fs.filesystem_type().0 as i64 != NSFS_MAGIC || nstype != libc::CLONE_NEWNET {
-            return Err(NetnsError::Refused(format!(
-                "{path} is not a network namespace"
-            )));
+            return Err(refused(format!("{path} is not a network namespace")));
         }
         let own = std::fs::metadata("/proc/thread-self/ns/net")
-            .map_err(|e| NetnsError::Refused(format!("cannot read own namespace: {e}")))?;
+            .map_err(|e| refused(format!("cannot read own namespace: {e}")))?;
         let theirs = file
             .metadata()
-            .map_err(|e| NetnsError::Refused(format!("stat {path}: {e}")))?;
+            .map_err(|e| refused(format!("stat {path}: {e}")))?;
         if (own.dev(), own.ino()) == (theirs.dev(), theirs.ino()) {
-            return Err(NetnsError::Refused(format!(
+            return Err(refused(format!(
                 "{path} is the plugin's own network namespace, not a container's"
             )));
         }
         Ok(Netns { file })
-    }
-
-    /// Open for ADD/CHECK: a missing namespace means an unknown container.
-    pub fn open_for_container(path: &str) -> CniResult<Netns> {
-        Netns::open(path).map_err(|e| match e {
-            NetnsError::Missing => CniError::new(
-                Code::UnknownContainer,
-                format!("network namespace {path} does not exist"),
-            ),
-            NetnsError::Refused(why) => CniError::new(Code::InvalidEnv, why),
-        })
     }
 
     pub fn raw_fd(&self) -> RawFd {

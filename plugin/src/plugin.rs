@@ -11,7 +11,7 @@ use crate::attachment::{self, Record, Store};
 use crate::bridge_config::{format_mac, BridgeConfig};
 use crate::cni::{CniEnv, CniError, CniOutput, CniResult, Code, Command, Interface, NetConf};
 use crate::netlink::{Netlink, VethPair};
-use crate::netns::{Netns, NetnsError};
+use crate::netns::Netns;
 use crate::{delegate, ipam, log, nft, pod};
 
 pub const ABOUT: &str = concat!(
@@ -248,13 +248,10 @@ impl Ctx<'_> {
         pod::delete_link_detached(nl, &host_veth)
     }
 
+    /// Nothing DEL cleans lives in the pod's namespace (the host veth takes
+    /// its peer along), so CNI_NETNS is not even opened: it may be empty,
+    /// gone, or no namespace at all.
     fn del(&self) -> CniResult<()> {
-        // An unusable netns path is fine for DEL: nothing we clean lives there.
-        if !self.env.netns.is_empty() {
-            if let Err(NetnsError::Refused(why)) = Netns::open(&self.env.netns) {
-                log::warn(format!("DEL: ignoring netns: {why}"));
-            }
-        }
         let mut nl = netlink()?;
         self.teardown(&mut nl, &self.env.container_id, &self.env.ifname)?;
         self.ipam_del()?;
