@@ -149,6 +149,49 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Tell the node's runtime that ferryd is ready: the conflist for this
+/// node's subnet and MTU, then the readiness file `ferry STATUS` checks.
+fn publish(
+    s: &Settings,
+    rec: &NodeRecord,
+    mtu: u32,
+    ready_file: &std::path::Path,
+    status: &Status,
+) {
+    let text = conflist::render(&ConflistParams {
+        network: &s.network_name,
+        bridge: &s.bridge,
+        subnet: rec.subnet,
+        mtu,
+        data_dir: &s.cni_data_dir,
+        ipam_data_dir: &s.ipam_data_dir,
+        ready_file,
+    });
+    let path = s.cni_conf_dir.join(conflist::FILE_NAME);
+    match conflist::write_atomic(&path, &text) {
+        Ok(true) => tracing::info!(path = %path.display(), "CNI conflist written"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot write CNI conflist: {e}")
+        }
+    }
+    let info = serde_json::json!({
+        "node": rec.node, "subnet": rec.subnet.to_string(), "mtu": mtu,
+        "pid": std::process::id(),
+    });
+    match conflist::write_atomic(ready_file, &format!("{info}\n")) {
+        Ok(w) => {
+            if w && !status.ready.load(Relaxed) {
+                tracing::info!(file = %ready_file.display(), "node ready");
+            }
+            status.ready.store(true, Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(file = %ready_file.display(), "cannot write readiness file: {e}")
+        }
+    }
+}
+
 /// Runs until SIGTERM/SIGINT.
 pub async fn run<S: Store>(
     s: Settings,
@@ -252,38 +295,7 @@ pub async fn run<S: Store>(
                     warned_bins = true;
                 }
                 if installed && !left {
-                    let text = conflist::render(&ConflistParams {
-                        network: &s.network_name,
-                        bridge: &s.bridge,
-                        subnet: rec.subnet,
-                        mtu: pass.mtu,
-                        data_dir: &s.cni_data_dir,
-                        ipam_data_dir: &s.ipam_data_dir,
-                        ready_file: &ready_file,
-                    });
-                    let path = s.cni_conf_dir.join(conflist::FILE_NAME);
-                    match conflist::write_atomic(&path, &text) {
-                        Ok(true) => tracing::info!(path = %path.display(), "CNI conflist written"),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(path = %path.display(), "cannot write CNI conflist: {e}")
-                        }
-                    }
-                    let info = serde_json::json!({
-                        "node": rec.node, "subnet": rec.subnet.to_string(), "mtu": pass.mtu,
-                        "pid": std::process::id(),
-                    });
-                    match conflist::write_atomic(&ready_file, &format!("{info}\n")) {
-                        Ok(w) => {
-                            if w && !status.ready.load(Relaxed) {
-                                tracing::info!(file = %ready_file.display(), "node ready");
-                            }
-                            status.ready.store(true, Relaxed);
-                        }
-                        Err(e) => {
-                            tracing::warn!(file = %ready_file.display(), "cannot write readiness file: {e}")
-                        }
-                    }
+                    publish(&s, &rec, pass.mtu, &ready_file, &status);
                 }
             }
             Err(e) => {
