@@ -230,33 +230,26 @@ fn device_drifted(want: &DeviceSpec, have: &ObservedDevice) -> bool {
 /// Empty when the kernel already holds exactly the desired state.
 pub fn diff(want: &Desired, have: &Observed) -> Vec<Action> {
     let mut out = Vec::new();
-    let empty = Observed::default();
+    // A device (re)created from scratch holds nothing yet; only routes via
+    // the underlay survive it.
+    let fresh = Observed {
+        routes: have
+            .routes
+            .iter()
+            .filter(|r| r.dev != Dev::Vxlan)
+            .copied()
+            .collect(),
+        ..Observed::default()
+    };
     let have = match &have.device {
         None => {
             out.push(Action::CreateDevice(want.device.clone()));
-            // Routes via the underlay do not depend on the device.
-            &Observed {
-                routes: have
-                    .routes
-                    .iter()
-                    .filter(|r| r.dev != Dev::Vxlan)
-                    .copied()
-                    .collect(),
-                ..empty
-            }
+            &fresh
         }
         Some(dev) if device_drifted(&want.device, dev) => {
             out.push(Action::DeleteDevice);
             out.push(Action::CreateDevice(want.device.clone()));
-            &Observed {
-                routes: have
-                    .routes
-                    .iter()
-                    .filter(|r| r.dev != Dev::Vxlan)
-                    .copied()
-                    .collect(),
-                ..empty
-            }
+            &fresh
         }
         Some(dev) => {
             if dev.mtu != want.device.mtu {
