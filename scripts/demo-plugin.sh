@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 KEEP=0; [ "${1:-}" = "--keep" ] && KEEP=1
 [ "$(id -u)" -eq 0 ] || { echo "needs root (it makes network namespaces)" >&2; exit 1; }
 . scripts/deps.sh
-ferry_install_deps
+ferry_demo_deps
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 ID="fdp$$"; NODE="$ID-node"; PODS=("$ID-a" "$ID-b" "$ID-c")

@@ -47,14 +47,10 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 mkns() { ip netns add "$1"; NSES+=("$1"); ip -n "$1" link set lo up; }
-need() { # command debian-package
-    command -v "$1" >/dev/null && return
-    info "installing $2 (Debian package) ..."
-    apt-get install -y -q "$2" >/dev/null
-}
 
 [[ $(id -u) == 0 ]] || { echo "run as root (it makes network namespaces)" >&2; exit 1; }
-need ip iproute2; need nft nftables; need ping iputils-ping; need jq jq; need iperf3 iperf3
+. "$ROOT/scripts/deps.sh"
+ferry_demo_deps
 
 if [[ -z ${FERRY_BIN_DIR:-} ]]; then
     step "building ferry, ferry-ipam and ferryd (release)"
