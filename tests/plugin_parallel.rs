@@ -47,17 +47,7 @@ fn parallel_add_and_del() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     println!("{n} parallel ADDs: {:?}", start.elapsed());
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|o| !o.success())
-        .map(Outcome::describe)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {n} ADDs failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    assert_all_succeeded(&results, "ADDs");
     let results: Vec<Value> = results.iter().map(Outcome::ok).collect();
 
     let mut ips: Vec<String> = results.iter().map(|r| result_ip(r, false)).collect();
@@ -98,17 +88,7 @@ fn parallel_add_and_del() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     println!("{n} parallel DELs: {:?}", start.elapsed());
-    let failed: Vec<String> = dels
-        .iter()
-        .filter(|o| !o.success())
-        .map(Outcome::describe)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {n} DELs failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    assert_all_succeeded(&dels, "DELs");
 
     assert!(host.veths().is_empty(), "veths left: {:?}", host.veths());
     assert!(host.leases().is_empty(), "leases left: {:?}", host.leases());
@@ -125,5 +105,21 @@ fn parallel_add_and_del() {
     before.without_dev("fbr0").assert_same(
         &host.snapshot().without_dev("fbr0"),
         "after parallel ADD+DEL",
+    );
+}
+
+/// Every outcome succeeded; otherwise fail listing each failure.
+fn assert_all_succeeded(outcomes: &[Outcome], what: &str) {
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.success())
+        .map(Outcome::describe)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} {what} failed:\n{}",
+        failed.len(),
+        outcomes.len(),
+        failed.join("\n")
     );
 }
