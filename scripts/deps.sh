@@ -25,15 +25,22 @@ ferry_need() {
     "${need[@]}" >/dev/null
 }
 
-# What the demos need.
+# What building ferry needs beyond the Rust toolchain (etcd-client's build
+# script runs protoc). Every script that runs cargo starts from this list.
+ferry_build_deps() {
+  ferry_need protoc:protobuf-compiler
+}
+
+# What the demos need: the build, plus the tools they run.
 ferry_demo_deps() {
+  ferry_build_deps
   ferry_need ip:iproute2 nft:nftables ping:iputils-ping jq:jq iperf3:iperf3
 }
 
 # Everything the tests and benchmarks run against.
 ferry_install_deps() {
   ferry_demo_deps
-  ferry_need conntrack:conntrack iptables:iptables etcd:etcd-server protoc:protobuf-compiler \
+  ferry_need conntrack:conntrack iptables:iptables etcd:etcd-server \
     sysctl:procps /usr/bin/python3:python3 /usr/lib/cni/bridge:containernetworking-plugins \
     podman:podman /usr/share/doc/busybox-static:busybox-static
 }

@@ -1,99 +1,13 @@
-//! ferry::nft against the real kernel, each test in scratch network
-//! namespaces it makes and always deletes. Skips itself unless root with
-//! `ip` and `nft` available. Never touches the caller's namespace: the
-//! operations run on threads that setns(2) into the scratch namespace.
+//! ferry::nft (the plugin's masquerade over netlink) against the real
+//! kernel, each test in scratch network namespaces it makes and always
+//! deletes. Never touches the caller's namespace: the library runs on
+//! threads that setns(2) into the scratch namespace (`Netns::run`).
 
-use std::fs::File;
 use std::net::IpAddr;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ferry::nft::{self, MasqEntry, NftError};
+use ferry_e2e::{require_root, Netns};
 use ipnetwork::IpNetwork;
-use nix::sched::{setns, CloneFlags};
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A named netns (`ip netns add`), deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!(
-            "nfttest-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst),
-            tag
-        );
-        run("ip", &["netns", "add", &name]);
-        Netns(name)
-    }
-
-    /// Runs `f` on a fresh thread that has entered this namespace.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                self.enter();
-                f()
-            })
-            .join()
-            .expect("thread panicked")
-        })
-    }
-
-    /// Moves the calling thread into the namespace (for threads we own).
-    fn enter(&self) {
-        let f = File::open(format!("/run/netns/{}", self.0)).unwrap();
-        setns(f, CloneFlags::CLONE_NEWNET).unwrap();
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut a = vec!["netns", "exec", &self.0];
-        a.extend_from_slice(args);
-        run("ip", &a)
-    }
-
-    fn try_exec(&self, args: &[&str]) -> bool {
-        let mut a = vec!["netns", "exec", &self.0];
-        a.extend_from_slice(args);
-        Command::new("ip")
-            .args(&a)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    }
-
-    fn ruleset(&self) -> String {
-        self.exec(&["nft", "list", "ruleset"])
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn can_run() -> bool {
-    let ok = nix::unistd::geteuid().is_root()
-        && Command::new("nft").arg("--version").output().is_ok()
-        && Command::new("ip").arg("-V").output().is_ok();
-    if !ok {
-        eprintln!("skipping: needs root, ip and nft");
-    }
-    ok
-}
 
 struct Pod {
     network: &'static str,
@@ -133,10 +47,10 @@ fn sorted_keys(ns: &Netns) -> Vec<(String, IpAddr)> {
 
 #[test]
 fn add_list_delete() {
-    if !can_run() {
+    if !require_root() {
         return;
     }
-    let ns = Netns::new("life");
+    let ns = Netns::new();
     let a4 = Pod::new("net1", "aaa", "10.22.0.5", "10.22.0.0/16");
     let a6 = Pod::new("net1", "aaa", "fd00:22::5", "fd00:22::/64");
     let b = Pod::new("net1", "bbb", "10.22.0.6", "10.22.0.0/16");
@@ -196,7 +110,7 @@ fn add_list_delete() {
 }}
 "
     );
-    assert_eq!(ns.ruleset(), want);
+    assert_eq!(ns.nft_ruleset(), want);
 
     let mut all = vec![
         (a4.key.clone(), a4.ip),
@@ -210,30 +124,33 @@ fn add_list_delete() {
     // Pod a goes (both families): its v6 chain goes with it, net1's v4
     // chain stays for b.
     ns.run(|| nft::del_masq(&[a4.entry(), a6.entry()]).unwrap());
-    let rs = ns.ruleset();
+    assert_eq!(ns.nft_keys("cni-masq4"), ["10.22.0.6", "10.33.0.7"]);
+    assert!(ns.nft_keys("cni-masq6").is_empty());
+    let chains = ns.nft_names("chain", Some("ferry"));
     assert!(
-        !rs.contains("10.22.0.5") && !rs.contains("fd00:22::5"),
-        "{rs}"
-    );
-    assert!(
-        !rs.contains(&n1v6) && rs.contains(&n1) && rs.contains(&n2),
-        "{rs}"
+        !chains.contains(&n1v6) && chains.contains(&n1) && chains.contains(&n2),
+        "{chains:?}"
     );
     assert_eq!(sorted_keys(&ns).len(), 2);
 
     // A DEL whose key does not match leaves the element alone (reused IP).
     let impostor = Pod::new("net1", "zzz", "10.22.0.6", "10.22.0.0/16");
     ns.run(|| nft::del_masq(&[impostor.entry()]).unwrap());
-    assert!(ns.ruleset().contains("10.22.0.6"));
+    assert_eq!(ns.nft_keys("cni-masq4"), ["10.22.0.6", "10.33.0.7"]);
 
     // By key, without the IP.
     ns.run(|| nft::del_masq_by_key(&c.key).unwrap());
-    let rs = ns.ruleset();
-    assert!(!rs.contains("10.33.0.7") && !rs.contains(&n2), "{rs}");
+    assert_eq!(ns.nft_keys("cni-masq4"), ["10.22.0.6"]);
+    let chains = ns.nft_names("chain", Some("ferry"));
+    assert!(!chains.contains(&n2) && chains.contains(&n1), "{chains:?}");
 
     // The last one takes the table with it.
     ns.run(|| nft::del_masq(&[b.entry()]).unwrap());
-    assert_eq!(ns.exec(&["nft", "list", "tables"]), "");
+    assert!(
+        ns.nft_names("table", None).is_empty(),
+        "{}",
+        ns.nft_ruleset()
+    );
     ns.run(|| {
         nft::del_masq(&[b.entry()]).unwrap();
         nft::del_masq_by_key(&b.key).unwrap();
@@ -243,10 +160,10 @@ fn add_list_delete() {
 
 #[test]
 fn re_add_replaces() {
-    if !can_run() {
+    if !require_root() {
         return;
     }
-    let ns = Netns::new("readd");
+    let ns = Netns::new();
     let p = Pod::new("net1", "aaa", "10.22.0.5", "10.22.0.0/16");
     // Same IP, now another attachment on another network.
     let q = Pod::new("net3", "qqq", "10.22.0.5", "10.22.0.0/16");
@@ -257,7 +174,7 @@ fn re_add_replaces() {
     assert_eq!(sorted_keys(&ns), vec![(p.key.clone(), p.ip)]);
     ns.run(|| nft::add_masq(&[q.entry()]).unwrap());
     assert_eq!(sorted_keys(&ns), vec![(q.key.clone(), q.ip)]);
-    let rs = ns.ruleset();
+    let rs = ns.nft_ruleset();
     assert!(rs.contains(&format!(
         "10.22.0.5 comment \"net3/qqq/eth0\" : goto {}",
         chain("net3", "10.22.0.0/16")
@@ -265,15 +182,19 @@ fn re_add_replaces() {
     // net1's chain lingers (nothing deletes it on replace) until the last
     // element goes, then everything does.
     ns.run(|| nft::del_masq_by_key(&q.key).unwrap());
-    assert_eq!(ns.exec(&["nft", "list", "tables"]), "");
+    assert!(
+        ns.nft_names("table", None).is_empty(),
+        "{}",
+        ns.nft_ruleset()
+    );
 }
 
 #[test]
 fn shared_table_is_kept() {
-    if !can_run() {
+    if !require_root() {
         return;
     }
-    let ns = Netns::new("shared");
+    let ns = Netns::new();
     let p = Pod::new("net1", "aaa", "10.22.0.5", "10.22.0.0/16");
     ns.run(|| nft::add_masq(&[p.entry()]).unwrap());
     // ferryd's objects in the same table.
@@ -282,12 +203,12 @@ fn shared_table_is_kept() {
         "add chain inet ferry services; add set inet ferry svc { type ipv4_addr; }",
     ]);
     ns.run(|| nft::del_masq(&[p.entry()]).unwrap());
-    let rs = ns.ruleset();
-    assert!(!rs.contains("cni-"), "{rs}");
-    assert!(
-        rs.contains("chain services") && rs.contains("set svc"),
-        "{rs}"
-    );
+    let chains = ns.nft_names("chain", Some("ferry"));
+    let sets = ns.nft_names("set", Some("ferry"));
+    let maps = ns.nft_names("map", Some("ferry"));
+    assert_eq!(chains, ["services"], "only ferryd's chain is left");
+    assert_eq!(sets, ["svc"]);
+    assert!(maps.is_empty(), "{maps:?}");
     // And the plugin builds its part again next to them.
     ns.run(|| nft::add_masq(&[p.entry()]).unwrap());
     assert_eq!(sorted_keys(&ns), vec![(p.key.clone(), p.ip)]);
@@ -295,10 +216,10 @@ fn shared_table_is_kept() {
 
 #[test]
 fn concurrent_adds() {
-    if !can_run() {
+    if !require_root() {
         return;
     }
-    let ns = Netns::new("conc");
+    let ns = Netns::new();
     let nets = ["net1", "net2", "net3"];
     let pods: Vec<Pod> = (0..8)
         .map(|i| {
@@ -324,7 +245,7 @@ fn concurrent_adds() {
     let mut want: Vec<_> = pods.iter().map(|p| (p.key.clone(), p.ip)).collect();
     want.sort();
     assert_eq!(sorted_keys(&ns), want);
-    let rs = ns.ruleset();
+    let rs = ns.nft_ruleset();
     assert_eq!(rs.matches("masquerade").count(), 3, "{rs}");
     assert_eq!(rs.matches("saddr vmap").count(), 2, "{rs}");
     assert_eq!(rs.matches("chain cni-n-").count(), 3, "{rs}");
@@ -339,15 +260,19 @@ fn concurrent_adds() {
             });
         }
     });
-    assert_eq!(ns.exec(&["nft", "list", "tables"]), "");
+    assert!(
+        ns.nft_names("table", None).is_empty(),
+        "{}",
+        ns.nft_ruleset()
+    );
 }
 
 #[test]
 fn errors_keep_errno() {
-    if !can_run() {
+    if !require_root() {
         return;
     }
-    let ns = Netns::new("errno");
+    let ns = Netns::new();
     let p = Pod::new("net1", "aaa", "10.22.0.5", "10.22.0.0/16");
     let c = chain("net1", "10.22.0.0/16");
     ns.run(|| nft::add_masq(&[p.entry()]).unwrap());
@@ -358,12 +283,12 @@ fn errors_keep_errno() {
         &format!("add chain inet ferry other; add rule inet ferry other jump {c}"),
     ]);
     ns.run(|| nft::del_masq(&[p.entry()]).unwrap());
-    let rs = ns.ruleset();
+    assert!(ns.nft_names("map", Some("ferry")).is_empty());
+    let chains = ns.nft_names("chain", Some("ferry"));
     assert!(
-        !rs.contains("10.22.0.5") && !rs.contains("cni-masq"),
-        "{rs}"
+        !chains.iter().any(|c| c == "cni-postrouting") && chains.contains(&c),
+        "{chains:?}"
     );
-    assert!(!rs.contains("cni-postrouting") && rs.contains(&c), "{rs}");
 
     // A map of our name but another type: the kernel's errno comes through,
     // matchable.
@@ -377,43 +302,74 @@ fn errors_keep_errno() {
 }
 
 /// Traffic check: a pod whose subnet the outside world has no route to can
-/// reach it only when masqueraded.
+/// reach it only when masqueraded; traffic to another pod of its own subnet
+/// crosses the same postrouting rule and keeps its source address.
 #[test]
 fn traffic_is_masqueraded() {
-    if !can_run() || Command::new("ping").arg("-V").output().is_err() {
+    if !require_root() {
         return;
     }
-    let host = Netns::new("h");
-    let pod = Netns::new("p");
-    let out = Netns::new("o");
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let (hp, ho) = (format!("fth{n}p"), format!("fth{n}o"));
-    host.exec(&[
-        "ip", "link", "add", &hp, "type", "veth", "peer", "name", "eth0", "netns", &pod.0,
+    let host = Netns::new();
+    let (pod, peer, out) = (Netns::new(), Netns::new(), Netns::new());
+    for (ns, hostdev, hostaddr, addr) in [
+        (&pod, "fthp", "10.22.0.1/24", "10.22.0.5/24"),
+        (&peer, "fthq", "10.22.1.1/24", "10.22.1.5/24"),
+        (&out, "fthout", "192.168.50.1/24", "192.168.50.2/24"),
+    ] {
+        host.ok(&[
+            "ip",
+            "link",
+            "add",
+            hostdev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        host.ok(&["ip", "addr", "add", hostaddr, "dev", hostdev]);
+        host.ok(&["ip", "link", "set", hostdev, "up"]);
+        ns.ok(&["ip", "addr", "add", addr, "dev", "eth0"]);
+        ns.ok(&["ip", "link", "set", "eth0", "up"]);
+    }
+    host.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    pod.ok(&["ip", "route", "add", "default", "via", "10.22.0.1"]);
+    peer.ok(&["ip", "route", "add", "default", "via", "10.22.1.1"]);
+    // The peer counts what arrives by source: the pod's own address, or the
+    // host's (masqueraded).
+    peer.ok(&[
+        "nft",
+        "add table ip seen; add chain ip seen in { type filter hook input priority 0; }; \
+         add rule ip seen in ip saddr 10.22.0.5 counter; \
+         add rule ip seen in ip saddr 10.22.1.1 counter",
     ]);
-    host.exec(&[
-        "ip", "link", "add", &ho, "type", "veth", "peer", "name", "eth0", "netns", &out.0,
-    ]);
-    host.exec(&["ip", "addr", "add", "10.22.0.1/16", "dev", &hp]);
-    host.exec(&["ip", "addr", "add", "192.168.50.1/24", "dev", &ho]);
-    host.exec(&["ip", "link", "set", &hp, "up"]);
-    host.exec(&["ip", "link", "set", &ho, "up"]);
-    host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    pod.exec(&["ip", "addr", "add", "10.22.0.5/16", "dev", "eth0"]);
-    pod.exec(&["ip", "link", "set", "eth0", "up"]);
-    pod.exec(&["ip", "route", "add", "default", "via", "10.22.0.1"]);
-    out.exec(&["ip", "addr", "add", "192.168.50.2/24", "dev", "eth0"]);
-    out.exec(&["ip", "link", "set", "eth0", "up"]);
-    let ping = |to: &str| pod.try_exec(&["ping", "-c1", "-W1", to]);
+    let seen_from = |src: &str| -> u64 {
+        peer.nft_objects()
+            .iter()
+            .filter_map(|o| o.get("rule"))
+            .filter(|r| r["expr"][0]["match"]["right"] == src)
+            .map(|r| r["expr"][1]["counter"]["packets"].as_u64().unwrap())
+            .sum()
+    };
+    let ping = |to: &str| pod.ping_once(to);
 
     // "out" has no route back to 10.22/16: no reply without masquerade.
     assert!(!ping("192.168.50.2"));
+    // The pod's network is 10.22.0.0/16: 10.22.1.5 is in it.
     let p = Pod::new("net1", "aaa", "10.22.0.5", "10.22.0.0/16");
     host.run(|| nft::add_masq(&[p.entry()]).unwrap());
-    assert!(ping("192.168.50.2"), "{}", host.ruleset());
-    // Own subnet: not masqueraded (the host sees the pod's address).
-    assert!(ping("10.22.0.1"));
+    assert!(ping("192.168.50.2"), "{}", host.nft_ruleset());
+    // Own subnet, forwarded through postrouting: not masqueraded.
+    assert!(ping("10.22.1.5"));
+    assert_eq!(
+        (seen_from("10.22.0.5"), seen_from("10.22.1.1")),
+        (1, 0),
+        "the peer must see the pod's own address\n{}",
+        host.nft_ruleset()
+    );
     host.run(|| nft::del_masq(&[p.entry()]).unwrap());
-    host.try_exec(&["conntrack", "-F"]);
+    host.exec(&["conntrack", "-F"]);
     assert!(!ping("192.168.50.2"));
 }
