@@ -89,14 +89,9 @@ fn etcd_outage_keeps_datapath_and_readiness() {
     // Lease renewals work again (a new keep-alive stream): the store error
     // count stops growing.
     let errors = |i: usize| {
-        c.nodes[i]
-            .http_get("/metrics")
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("ferryd_store_errors_total ")
-                    .map(str::to_string)
-            })
-            .unwrap_or_default()
+        let n = &c.nodes[i];
+        n.metric("ferryd_store_errors_total")
+            .unwrap_or_else(|| panic!("{}: no ferryd_store_errors_total in /metrics", n.name))
     };
     std::thread::sleep(Duration::from_secs(6));
     let before = errors(0);

@@ -130,21 +130,6 @@ fn check_add_result(host: &Host, pod: &Netns, id: &str, r: &Value, version: &str
     );
 }
 
-fn assert_clean(host: &Host) {
-    assert!(host.veths().is_empty(), "veths left: {:?}", host.veths());
-    assert!(host.leases().is_empty(), "leases left: {:?}", host.leases());
-    assert!(
-        host.records().is_empty(),
-        "records left: {:?}",
-        host.records()
-    );
-    assert!(
-        !host.has_ferry_table(),
-        "nft table inet ferry left:\n{}",
-        host.ns.nft_ruleset()
-    );
-}
-
 #[test]
 fn two_pods_add_ping_check_del() {
     if !require_root() {
@@ -222,7 +207,7 @@ fn two_pods_add_ping_check_del() {
     host.cni(&Cni::del("pod2", &p2), &with_prev(&conf, &r2))
         .ok();
 
-    assert_clean(&host);
+    host.assert_clean("after DEL");
     assert!(p1.link("eth0").is_none(), "pod1 still has eth0");
     assert!(p2.link("eth0").is_none(), "pod2 still has eth0");
     // The bridge and its gateway addresses stay, as with the reference.
@@ -262,7 +247,7 @@ fn results_per_cni_version() {
         }
         host.cni(&Cni::del(&id, &pod), &with_prev(&conf, &r)).ok();
     }
-    assert_clean(&host);
+    host.assert_clean("after DEL");
 }
 
 #[test]
@@ -421,5 +406,5 @@ fn del_corner_cases() {
     keeper.assert_ping("10.77.1.1");
     host.cni(&Cni::del("keeper", &keeper), &with_prev(&conf, &rk))
         .ok();
-    assert_clean(&host);
+    host.assert_clean("after DEL");
 }

@@ -90,18 +90,7 @@ fn parallel_add_and_del() {
     println!("{n} parallel DELs: {:?}", start.elapsed());
     assert_all_succeeded(&dels, "DELs");
 
-    assert!(host.veths().is_empty(), "veths left: {:?}", host.veths());
-    assert!(host.leases().is_empty(), "leases left: {:?}", host.leases());
-    assert!(
-        host.records().is_empty(),
-        "records left: {:?}",
-        host.records()
-    );
-    assert!(
-        !host.has_ferry_table(),
-        "nft left:\n{}",
-        host.ns.nft_ruleset()
-    );
+    host.assert_clean("after parallel DELs");
     before.without_dev("fbr0").assert_same(
         &host.snapshot().without_dev("fbr0"),
         "after parallel ADD+DEL",

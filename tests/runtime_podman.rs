@@ -586,7 +586,7 @@ fn setup() -> Option<Podman> {
         return None;
     }
     if let Some(why) = missing() {
-        println!("skipped: {why}");
+        skip(&why);
         return None;
     }
     Some(Podman::new())
@@ -600,22 +600,7 @@ fn bridge_name(tag: &str) -> String {
 
 fn assert_torn_down(pm: &Podman, bridge: &str, ctrs: &[&Ctr]) {
     let host = &pm.host;
-    assert!(
-        host.veths().is_empty(),
-        "host veths left: {:?}",
-        host.veths()
-    );
-    assert!(host.leases().is_empty(), "leases left: {:?}", host.leases());
-    assert!(
-        host.records().is_empty(),
-        "ferry records left: {:?}",
-        host.records()
-    );
-    assert!(
-        !host.has_ferry_table(),
-        "nft table inet ferry left in the host netns:\n{}",
-        host.ns.nft_ruleset()
-    );
+    host.assert_clean("after podman rm");
     assert!(
         pm.cni_cache().iter().all(|f| !f.starts_with("results/")),
         "libcni cache entries left: {:?}",
@@ -797,7 +782,7 @@ fn podman_generated_network_with_ferry_dropped_in() {
         return;
     };
     if Command::new("iptables").arg("-V").output().is_err() {
-        println!("skipped: portmap and firewall need iptables (package iptables)");
+        skip("portmap and firewall need iptables (package iptables)");
         return;
     }
     let root = RootView::take();

@@ -8,8 +8,8 @@
 //! `etcd` inside the underlay namespace, so its traffic never leaves the
 //! test's namespaces; it is killed on drop.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -52,32 +52,7 @@ pub fn ferryd_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let dir = bin_dir().to_path_buf();
-        if std::env::var_os("FERRY_E2E_BIN_DIR").is_none()
-            && std::env::var_os("FERRY_E2E_NO_BUILD").is_none()
-        {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-            let mut cmd = Command::new(cargo);
-            cmd.args([
-                "build",
-                "--quiet",
-                "-p",
-                "ferry-daemon",
-                "--bins",
-                "--manifest-path",
-            ])
-            .arg(&manifest);
-            if dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            if let Some(target) = dir.parent() {
-                cmd.env("CARGO_TARGET_DIR", target);
-            }
-            match cmd.status() {
-                Ok(s) if s.success() => {}
-                other => eprintln!("warning: `cargo build -p ferry-daemon` failed: {other:?}"),
-            }
-        }
+        crate::build_bins("ferry-daemon", &dir);
         let bin = dir.join("ferryd");
         assert!(
             bin.is_file(),
@@ -148,6 +123,15 @@ impl Node {
         self.ferryd.as_ref().map(|c| c.id())
     }
     /// GET on ferryd's health listener (inside the node namespace).
+    /// One sample of a Prometheus metric on `/metrics` (None when absent).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.http_get("/metrics")
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
     pub fn http_get(&self, path: &str) -> String {
         let script = format!(
             "import urllib.request,urllib.error\ntry:\n r=urllib.request.urlopen('http://127.0.0.1:9475{path}',timeout=3);print(r.status);print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n print(e.code);print(e.read().decode())"
@@ -572,6 +556,7 @@ impl Drop for Cluster {
 
 /// A TCP server in `pod` that counts the bytes it receives on one
 /// connection and prints "<peer ip> <bytes>" when the client closes.
+/// Returns once it listens; [`wait_accepted`] waits for the connection.
 pub fn tcp_sink(pod: &Netns, ip: &str, port: u16) -> Child {
     let script = format!(
         "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('{ip}',{port}));s.listen(1)\nprint('listening',flush=True)\nc,a=s.accept();n=0\nwhile True:\n  b=c.recv(1<<16)\n  if not b: break\n  n+=len(b)\nprint(a[0],n,flush=True)"
@@ -583,16 +568,37 @@ pub fn tcp_sink(pod: &Netns, ip: &str, port: u16) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for "listening".
-    use std::io::BufRead;
-    let mut line = String::new();
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = std::io::BufReader::new(stdout);
-    reader.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "listening");
-    // Hand the reader back through a thread-free trick: keep it in the child.
-    child.stdout = Some(reader.into_inner());
+    expect_line(&mut child, "listening");
     child
+}
+
+/// Waits until `pod` holds an established TCP connection on local `port`
+/// (the sink accepted its client), at most 10 s.
+pub fn wait_accepted(pod: &Netns, port: u16) {
+    let filter = format!("sport = :{port}");
+    let ok = wait_until(Duration::from_secs(10), || {
+        !pod.ok(&["ss", "-Htn", "state", "established", &filter])
+            .trim()
+            .is_empty()
+    });
+    assert!(
+        ok,
+        "no connection accepted on port {port} in {}",
+        pod.name()
+    );
+}
+
+/// Reads one line of the child's stdout byte by byte (no buffering, so the
+/// rest stays in the pipe for `finish`) and insists that it is `want`.
+fn expect_line(child: &mut Child, want: &str) {
+    use std::io::Read;
+    let stdout = child.stdout.as_mut().expect("stdout piped");
+    let mut line = Vec::new();
+    let mut byte = [0u8];
+    while stdout.read(&mut byte).expect("read child stdout") == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    assert_eq!(String::from_utf8_lossy(&line), want, "tcp sink said");
 }
 
 /// Sends for `secs` seconds (or `bytes` bytes) to ip:port from `pod`;
@@ -641,14 +647,6 @@ pub mod suite {
             .unwrap()
     }
 
-    fn metric(n: &Node, name: &str) -> Option<f64> {
-        let body = n.http_get("/metrics");
-        body.lines()
-            .find(|l| l.starts_with(&format!("{name} ")))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-    }
-
     /// 3 nodes x 2 pods: full-mesh ping, a TCP transfer across nodes with
     /// the source address preserved, egress masquerade to the outside,
     /// readiness and health endpoints.
@@ -664,8 +662,8 @@ pub mod suite {
             let r = n.http_get("/readyz");
             assert!(r.starts_with("200"), "{}: /readyz: {r}", n.name);
             assert!(n.http_get("/healthz").starts_with("200"));
-            assert_eq!(metric(n, "ferryd_ready"), Some(1.0));
-            assert_eq!(metric(n, "ferryd_peers"), Some(2.0));
+            assert_eq!(n.metric("ferryd_ready"), Some(1.0));
+            assert_eq!(n.metric("ferryd_peers"), Some(2.0));
             let mtu = n.ns.link("ferry.1").unwrap()["mtu"].as_u64();
             assert_eq!(mtu, Some(1450), "VXLAN MTU = underlay - 50");
         }
@@ -778,7 +776,7 @@ pub mod suite {
             .unwrap();
         let sink = tcp_sink(&c.pods[1].ns, &c.pods[1].ip, 5003);
         let sender = tcp_send(&c.pods[0].ns, &c.pods[1].ip, 5003, 5.0);
-        std::thread::sleep(Duration::from_millis(800));
+        wait_accepted(&c.pods[1].ns, 5003);
         for i in 0..2 {
             c.stop_ferryd(i, libc::SIGKILL);
         }
@@ -810,7 +808,7 @@ pub mod suite {
             );
             assert_eq!(n.routes(), routes[i], "{}: routes changed", n.name);
             assert_eq!(
-                metric(n, "ferryd_kernel_changes_total"),
+                n.metric("ferryd_kernel_changes_total"),
                 Some(0.0),
                 "{}: restarted ferryd changed the kernel:\n{}",
                 n.name,

@@ -37,13 +37,32 @@ fn next_id() -> usize {
 // ---------------------------------------------------------------------------
 // Preconditions and binaries
 
-/// True when the tests can run. Prints "skipped: ..." and returns false
-/// when not root (CI runs as root, so there everything runs).
+/// Env var that turns every skipped test into a failure. `scripts/test.sh`
+/// (and so CI) sets it: a run that is green must have run every test.
+pub const REQUIRE_ALL_ENV: &str = "FERRY_REQUIRE_ALL";
+
+/// A test cannot run here because of `why`. Returns false after printing
+/// "skipped: <test>: <why>" so that a developer without root sees what did not
+/// run; panics instead when FERRY_REQUIRE_ALL is set, so a skip can never
+/// read as a pass in CI.
+pub fn skip(why: &str) -> bool {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    if std::env::var_os(REQUIRE_ALL_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("{test} cannot run here ({why}) and {REQUIRE_ALL_ENV} forbids skipping");
+    }
+    println!("skipped: {test}: {why}");
+    false
+}
+
+/// True when the tests can run: root, with `ip` and `nft`. Otherwise
+/// [`skip`]s (a failure under FERRY_REQUIRE_ALL).
 pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: needs root");
-        return false;
+        return skip("needs root");
     }
     for tool in ["ip", "nft"] {
         if Command::new(tool).arg("-V").output().is_err() {
@@ -75,14 +94,20 @@ pub fn bin_dir() -> &'static Path {
         } else {
             deps.to_path_buf()
         };
-        if std::env::var_os("FERRY_E2E_NO_BUILD").is_none() {
-            build_plugin_bins(&profile_dir);
-        }
+        build_bins("ferry-plugin", &profile_dir);
         check_bins(profile_dir)
     })
 }
 
-fn build_plugin_bins(profile_dir: &Path) {
+/// `cargo build -p <package> --bins` into the profile dir of this test
+/// binary (same target dir, same profile), unless FERRY_E2E_BIN_DIR or
+/// FERRY_E2E_NO_BUILD says to use what is there.
+pub fn build_bins(package: &str, profile_dir: &Path) {
+    if std::env::var_os("FERRY_E2E_BIN_DIR").is_some()
+        || std::env::var_os("FERRY_E2E_NO_BUILD").is_some()
+    {
+        return;
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(cargo);
@@ -90,7 +115,7 @@ fn build_plugin_bins(profile_dir: &Path) {
         "build",
         "--quiet",
         "-p",
-        "ferry-plugin",
+        package,
         "--bins",
         "--manifest-path",
     ])
@@ -104,14 +129,13 @@ fn build_plugin_bins(profile_dir: &Path) {
             cmd.args(["--profile", other]);
         }
     }
-    // Same target dir as this test binary.
     if let Some(target) = profile_dir.parent() {
         cmd.env("CARGO_TARGET_DIR", target);
     }
     match cmd.status() {
         Ok(s) if s.success() => {}
-        Ok(s) => eprintln!("warning: `cargo build -p ferry-plugin --bins` failed ({s})"),
-        Err(e) => eprintln!("warning: cannot run cargo to build the plugin binaries: {e}"),
+        Ok(s) => eprintln!("warning: `cargo build -p {package} --bins` failed ({s})"),
+        Err(e) => eprintln!("warning: cannot run cargo to build {package}: {e}"),
     }
 }
 
@@ -296,6 +320,68 @@ impl Netns {
             .iter()
             .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
             .map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"]))
+            .collect()
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace (to call
+    /// ferry's library in-process; the caller's thread never moves).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter();
+                f()
+            })
+            .join()
+            .expect("thread in netns panicked")
+        })
+    }
+
+    /// Moves the calling thread into this namespace: only for threads the
+    /// test spawned for that purpose.
+    pub fn enter(&self) {
+        let f = std::fs::File::open(self.path()).expect("open netns");
+        // SAFETY: setns on a valid nsfs fd affects only the calling thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    /// `nft -j list ruleset` in this netns: the `nftables` array of objects.
+    pub fn nft_objects(&self) -> Vec<Value> {
+        let text = self.ok(&["nft", "-j", "list", "ruleset"]);
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("nft -j: {e}: {text}"));
+        v["nftables"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Names of the objects of `kind` ("table", "chain", "map", "set") in
+    /// `table` (any table when None), from `nft -j`.
+    pub fn nft_names(&self, kind: &str, table: Option<&str>) -> Vec<String> {
+        self.nft_objects()
+            .iter()
+            .filter_map(|o| o.get(kind))
+            .filter(|o| {
+                table.is_none_or(|t| o["table"] == t || (kind == "table" && o["name"] == t))
+            })
+            .filter_map(|o| o["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// The keys of set or map `name` (in any table), from `nft -j`
+    /// (empty when it does not exist).
+    pub fn nft_keys(&self, name: &str) -> Vec<String> {
+        let key = |e: &Value| -> String {
+            let k = e.as_array().and_then(|kv| kv.first()).unwrap_or(e);
+            let k = k.get("elem").map(|x| &x["val"]).unwrap_or(k);
+            k.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| k.to_string())
+        };
+        self.nft_objects()
+            .iter()
+            .filter_map(|o| o.get("map").or_else(|| o.get("set")))
+            .filter(|o| o["name"] == name)
+            .flat_map(|o| o["elem"].as_array().cloned().unwrap_or_default())
+            .map(|e| key(&e))
             .collect()
     }
 
@@ -788,6 +874,23 @@ impl Host {
             .exec(&["nft", "list", "table", "inet", "ferry"])
             .status
             .success()
+    }
+
+    /// Nothing of any attachment is left on this host: no host veth, lease,
+    /// ferry record or `inet ferry` table.
+    pub fn assert_clean(&self, context: &str) {
+        let (veths, leases, records) = (self.veths(), self.leases(), self.records());
+        assert!(veths.is_empty(), "{context}: host veths left: {veths:?}");
+        assert!(leases.is_empty(), "{context}: leases left: {leases:?}");
+        assert!(
+            records.is_empty(),
+            "{context}: ferry records left: {records:?}"
+        );
+        assert!(
+            !self.has_ferry_table(),
+            "{context}: nft table inet ferry left in the host netns:\n{}",
+            self.ns.nft_ruleset()
+        );
     }
 
     pub fn snapshot(&self) -> Snapshot {
