@@ -1,8 +1,21 @@
-//! `ferryd run`: preflight (nothing changed yet), register, then reconcile
-//! on store events and on a timer until SIGTERM/SIGINT. Stopping leaves
-//! the datapath in place; a restarted ferryd computes the same desired state
-//! and finds nothing to change.
+//! `ferryd run`: preflight (nothing changed yet), register, then tasks that
+//! run until SIGTERM/SIGINT (DESIGN.md, "Daemon shape"):
+//!
+//! - **membership**: registration and lease renewal; publishes this node's
+//!   record (and whether it left) on a `watch` channel;
+//! - **sources**: the latest snapshot of what the store knows (nodes), on a
+//!   `watch` channel: the latest value wins, a burst of writes is one pass;
+//! - **reconcilers** (overlay, masquerade): each turns the snapshots into
+//!   desired state, diffs against the kernel, applies, on changes and on its
+//!   own timer, and reports its gate; one failing never stalls another;
+//! - **readiness**: the composition of the gates that matter for pods; it
+//!   writes the conflist and the readiness file `ferry STATUS` checks.
+//!
+//! Stopping leaves the datapath in place; a restarted ferryd computes the
+//! same desired state and finds nothing to change.
 
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +23,8 @@ use std::time::{Duration, Instant};
 use ferry::netlink::Netlink;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{interval_at, Interval, MissedTickBehavior};
 
 use crate::config::Settings;
 use crate::conflist::{self, ConflistParams};
@@ -89,11 +104,11 @@ struct Pass {
     underlay: Underlay,
 }
 
-/// One reconcile pass of the kernel side.
-async fn reconcile_kernel(
+/// One pass of the overlay: VXLAN device, neighbours, FDB, routes.
+async fn reconcile_overlay(
     s: &Settings,
     rec: &NodeRecord,
-    nodes: Vec<NodeRecord>,
+    nodes: Arc<Vec<NodeRecord>>,
 ) -> Result<Pass, DaemonError> {
     let s = s.clone();
     let rec = rec.clone();
@@ -122,12 +137,8 @@ async fn reconcile_kernel(
         for a in &acts {
             tracing::info!(action = ?a, "overlay");
         }
-        let masq = crate::masq::ensure(s.masquerade, rec.subnet, s.cluster_cidr)?;
-        if masq {
-            tracing::info!(subnet = %rec.subnet, cluster = %s.cluster_cidr, enabled = s.masquerade, "egress masquerade rules written");
-        }
         Ok(Pass {
-            changes: acts.len() + masq as usize,
+            changes: acts.len(),
             peers: want.peers.len(),
             mtu: want.device.mtu,
             underlay,
@@ -151,13 +162,7 @@ fn unix_now() -> u64 {
 
 /// Tell the node's runtime that ferryd is ready: the conflist for this
 /// node's subnet and MTU, then the readiness file `ferry STATUS` checks.
-fn publish(
-    s: &Settings,
-    rec: &NodeRecord,
-    mtu: u32,
-    ready_file: &std::path::Path,
-    status: &Status,
-) {
+fn publish(s: &Settings, rec: &NodeRecord, mtu: u32, ready_file: &Path, status: &Status) {
     let text = conflist::render(&ConflistParams {
         network: &s.network_name,
         bridge: &s.bridge,
@@ -192,6 +197,31 @@ fn publish(
     }
 }
 
+/// A timer whose first tick is one period from now (each task has just done
+/// its work once when it starts waiting); late ticks do not pile up.
+fn ticker(period: Duration) -> Interval {
+    let mut t = interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    t
+}
+
+/// This node as the store knows it.
+#[derive(Debug, Clone)]
+struct Member {
+    rec: NodeRecord,
+    /// Marked as left (`ferryd leave`): no renewals, not ready, until restart.
+    left: bool,
+}
+
+/// What each reconciler that gates pods last reported.
+#[derive(Debug, Clone, Default)]
+struct Gates {
+    /// The overlay is up; pods get this MTU.
+    overlay_mtu: Option<u32>,
+    /// Egress masquerade holds what it should.
+    masquerade: bool,
+}
+
 /// Runs until SIGTERM/SIGINT.
 pub async fn run<S: Store>(
     s: Settings,
@@ -217,7 +247,9 @@ pub async fn run<S: Store>(
             .ok()
             .and_then(|t| conflist::subnet_of(&t)),
     };
-    let mut rec = store.register(&reg).await?;
+    // The first registration is not retried: a store that refuses it is a
+    // configuration error the user must see.
+    let rec = store.register(&reg).await?;
     reg.prefer = Some(rec.subnet);
     tracing::info!(node = %rec.node, subnet = %rec.subnet, underlay = %format!("{} ({})", underlay.ip, underlay.name), vtep_mac = %rec.vtep_mac, "registered");
 
@@ -230,32 +262,159 @@ pub async fn run<S: Store>(
         tracing::warn!("cannot enable ipv4 forwarding: {e}");
     }
 
-    let renew_every = (s.lease_ttl / 3).min(Duration::from_secs(5));
-    let mut renew =
-        tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
-    let mut full = tokio::time::interval(s.reconcile_interval);
-    full.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned_bins = false;
-    let mut left = false;
-    let mut last_nodes: Option<Vec<NodeRecord>> = None;
+    let store = Arc::new(store);
+    let (member_tx, member) = watch::channel(Member { rec, left: false });
+    let (nodes_tx, nodes) = watch::channel(None);
+    let (gates_tx, gates) = watch::channel(Gates::default());
+    let (reregister_tx, reregister) = mpsc::channel(1);
+    tokio::spawn(membership(
+        store.clone(),
+        reg,
+        s.lease_ttl,
+        member_tx,
+        reregister,
+        status.clone(),
+    ));
+    tokio::spawn(node_source(
+        store,
+        s.reconcile_interval,
+        nodes_tx,
+        status.clone(),
+    ));
+    tokio::spawn(overlay_reconciler(
+        s.clone(),
+        nodes,
+        member.clone(),
+        reregister_tx,
+        gates_tx.clone(),
+        status.clone(),
+    ));
+    tokio::spawn(masquerade_reconciler(
+        s.clone(),
+        member.clone(),
+        gates_tx,
+        status.clone(),
+    ));
+    let readiness = tokio::spawn(readiness(s, gates, member, ready_file.clone(), status));
+
+    let why = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    // No readiness write may land after the file is removed.
+    readiness.abort();
+    let _ = readiness.await;
+    let _ = conflist::remove_if_exists(&ready_file);
+    tracing::info!("{why}: stopping; the datapath stays in place for the next ferryd to adopt");
+    Ok(())
+}
+
+/// Registration and lease renewal. Re-registers when the record vanished
+/// from the store or the overlay saw the underlay address change.
+async fn membership<S: Store>(
+    store: Arc<S>,
+    mut reg: Registration,
+    ttl: Duration,
+    member: watch::Sender<Member>,
+    mut reregister: mpsc::Receiver<Ipv4Addr>,
+    status: Arc<Status>,
+) {
+    let mut renew = ticker((ttl / 3).min(Duration::from_secs(5)));
     loop {
-        // Reconcile.
-        let t0 = Instant::now();
-        // An unreachable store does not make the node unready: the kernel
-        // keeps (and ferryd keeps enforcing) the last known overlay.
-        let nodes = match store.nodes().await {
+        tokio::select! {
+            _ = renew.tick() => {
+                if member.borrow().left {
+                    continue;
+                }
+                match store.renew().await {
+                    Ok(()) => {}
+                    Err(StoreError::Left(_)) => {
+                        tracing::warn!("this node was marked as left in the store; no longer renewing its lease (restart ferryd to rejoin)");
+                        member.send_modify(|m| m.left = true);
+                    }
+                    Err(StoreError::NotRegistered(_)) => {
+                        tracing::warn!("own record vanished from the store; registering again");
+                        register(&*store, &mut reg, &member, &status).await;
+                    }
+                    Err(e) => {
+                        status.store_errors.fetch_add(1, Relaxed);
+                        tracing::warn!("renewing lease: {e}");
+                    }
+                }
+            }
+            Some(ip) = reregister.recv() => {
+                tracing::warn!(old = %reg.underlay_ip, new = %ip, "underlay address changed; re-registering");
+                reg.underlay_ip = ip;
+                register(&*store, &mut reg, &member, &status).await;
+            }
+        }
+    }
+}
+
+async fn register<S: Store>(
+    store: &S,
+    reg: &mut Registration,
+    member: &watch::Sender<Member>,
+    status: &Status,
+) {
+    match store.register(reg).await {
+        Ok(rec) => {
+            reg.prefer = Some(rec.subnet);
+            member.send_modify(|m| m.rec = rec);
+        }
+        Err(e) => {
+            status.store_errors.fetch_add(1, Relaxed);
+            tracing::warn!("register: {e}");
+        }
+    }
+}
+
+/// Publishes the live node records: after every store change (a burst of
+/// writes settles into one read) and on the reconcile timer. An unreachable
+/// store keeps the last snapshot: the kernel keeps the last known overlay.
+async fn node_source<S: Store>(
+    store: Arc<S>,
+    every: Duration,
+    nodes: watch::Sender<Option<Arc<Vec<NodeRecord>>>>,
+    status: Arc<Status>,
+) {
+    let mut resync = ticker(every);
+    loop {
+        match store.nodes().await {
             Ok(n) => {
-                last_nodes = Some(n.clone());
-                Some(n)
+                nodes.send_replace(Some(Arc::new(n)));
             }
             Err(e) => {
                 status.store_errors.fetch_add(1, Relaxed);
-                tracing::warn!("reading the store: {e}; using the last known nodes");
-                last_nodes.clone()
+                tracing::warn!("reading the store: {e}; keeping the last known nodes");
             }
-        };
-        let result = match nodes {
-            Some(nodes) => reconcile_kernel(&s, &rec, nodes).await,
+        }
+        // A change that lands while the list is read is seen by the next
+        // list: `changed` only has to wake us, not carry the change.
+        tokio::select! {
+            _ = store.changed() => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ = resync.tick() => {}
+        }
+    }
+}
+
+/// Keeps the overlay to every other node, on node or membership changes and
+/// on its own timer (which repairs drift in the kernel).
+async fn overlay_reconciler(
+    s: Settings,
+    mut nodes: watch::Receiver<Option<Arc<Vec<NodeRecord>>>>,
+    mut member: watch::Receiver<Member>,
+    reregister: mpsc::Sender<Ipv4Addr>,
+    gates: watch::Sender<Gates>,
+    status: Arc<Status>,
+) {
+    let mut timer = ticker(s.reconcile_interval);
+    loop {
+        let t0 = Instant::now();
+        let snapshot = nodes.borrow_and_update().clone();
+        let rec = member.borrow_and_update().rec.clone();
+        let result = match snapshot {
+            Some(n) => reconcile_overlay(&s, &rec, n).await,
             None => Err(DaemonError::Io {
                 what: "no node list read from the store yet".into(),
                 source: std::io::Error::other("store unavailable"),
@@ -280,78 +439,95 @@ pub async fn run<S: Store>(
                         "reconciled"
                     );
                 }
-                if pass.underlay.ip != reg.underlay_ip {
-                    tracing::warn!(old = %reg.underlay_ip, new = %pass.underlay.ip, "underlay address changed; re-registering");
-                    reg.underlay_ip = pass.underlay.ip;
-                    match store.register(&reg).await {
-                        Ok(r) => rec = r,
-                        Err(e) => tracing::warn!("re-register: {e}"),
-                    }
-                    continue;
+                if pass.underlay.ip != rec.underlay_ip {
+                    // Full channel: a request is already pending.
+                    let _ = reregister.try_send(pass.underlay.ip);
                 }
-                let installed = plugins_installed(&s);
-                if !installed && !warned_bins {
-                    tracing::warn!(dir = %s.cni_bin_dir.display(), "ferry and ferry-ipam are not installed in the CNI bin dir; not ready");
-                    warned_bins = true;
-                }
-                if installed && !left {
-                    publish(&s, &rec, pass.mtu, &ready_file, &status);
-                }
+                gates.send_modify(|g| g.overlay_mtu = Some(pass.mtu));
             }
             Err(e) => {
                 status.reconcile_errors.fetch_add(1, Relaxed);
-                tracing::warn!("reconcile failed: {e}");
-                if status.ready.swap(false, Relaxed) {
-                    tracing::warn!("node not ready");
-                }
-                let _ = conflist::remove_if_exists(&ready_file);
+                tracing::warn!("overlay reconcile failed: {e}");
+                gates.send_modify(|g| g.overlay_mtu = None);
             }
         }
-
-        // Wait for the next reason to reconcile.
-        loop {
-            tokio::select! {
-                _ = store.changed() => {
-                    // Let a burst of store writes settle into one pass.
-                    // (Outside the select: a wake-up is never lost.)
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    break;
-                }
-                _ = full.tick() => break,
-                _ = renew.tick() => {
-                    if left { continue; }
-                    match store.renew().await {
-                        Ok(()) => continue,
-                        Err(StoreError::Left(_)) => {
-                            tracing::warn!("this node was marked as left in the store; no longer renewing its lease (restart ferryd to rejoin)");
-                            left = true;
-                            status.ready.store(false, Relaxed);
-                            let _ = conflist::remove_if_exists(&ready_file);
-                            continue;
-                        }
-                        Err(StoreError::NotRegistered(_)) => {
-                            tracing::warn!("own record vanished from the store; registering again");
-                            match store.register(&reg).await {
-                                Ok(r) => { rec = r; break; }
-                                Err(e) => { status.store_errors.fetch_add(1, Relaxed); tracing::warn!("register: {e}"); continue; }
-                            }
-                        }
-                        Err(e) => {
-                            status.store_errors.fetch_add(1, Relaxed);
-                            tracing::warn!("renewing lease: {e}");
-                            continue;
-                        }
-                    }
-                }
-                _ = sigterm.recv() => return stop(&ready_file, "SIGTERM"),
-                _ = sigint.recv() => return stop(&ready_file, "SIGINT"),
-            }
+        tokio::select! {
+            r = nodes.changed() => if r.is_err() { return },
+            r = member.changed() => if r.is_err() { return },
+            _ = timer.tick() => {}
         }
     }
 }
 
-fn stop(ready_file: &std::path::Path, why: &str) -> Result<(), DaemonError> {
+/// Keeps the node's egress masquerade, on membership changes (a new subnet)
+/// and on its own timer.
+async fn masquerade_reconciler(
+    s: Settings,
+    mut member: watch::Receiver<Member>,
+    gates: watch::Sender<Gates>,
+    status: Arc<Status>,
+) {
+    let mut timer = ticker(s.reconcile_interval);
+    loop {
+        let subnet = member.borrow_and_update().rec.subnet;
+        let (enabled, cluster) = (s.masquerade, s.cluster_cidr);
+        let result = blocking(move || Ok(crate::masq::ensure(enabled, subnet, cluster)?)).await;
+        match result {
+            Ok(changed) => {
+                if changed {
+                    status.kernel_changes.fetch_add(1, Relaxed);
+                    tracing::info!(%subnet, %cluster, enabled, "egress masquerade rules written");
+                }
+                gates.send_modify(|g| g.masquerade = true);
+            }
+            Err(e) => {
+                status.reconcile_errors.fetch_add(1, Relaxed);
+                tracing::warn!("masquerade reconcile failed: {e}");
+                gates.send_modify(|g| g.masquerade = false);
+            }
+        }
+        tokio::select! {
+            r = member.changed() => if r.is_err() { return },
+            _ = timer.tick() => {}
+        }
+    }
+}
+
+/// The node is ready for pods when every gate is open, ferry's plugins are
+/// installed and the node has not left; then the conflist and the readiness
+/// file are (re)written, otherwise the readiness file is removed.
+async fn readiness(
+    s: Settings,
+    mut gates: watch::Receiver<Gates>,
+    mut member: watch::Receiver<Member>,
+    ready_file: PathBuf,
+    status: Arc<Status>,
+) {
+    let mut warned_bins = false;
+    loop {
+        let g = gates.borrow_and_update().clone();
+        let m = member.borrow_and_update().clone();
+        let installed = plugins_installed(&s);
+        if !installed && !warned_bins {
+            tracing::warn!(dir = %s.cni_bin_dir.display(), "ferry and ferry-ipam are not installed in the CNI bin dir; not ready");
+            warned_bins = true;
+        }
+        match g.overlay_mtu {
+            Some(mtu) if g.masquerade && installed && !m.left => {
+                publish(&s, &m.rec, mtu, &ready_file, &status)
+            }
+            _ => unready(&ready_file, &status),
+        }
+        tokio::select! {
+            r = gates.changed() => if r.is_err() { return },
+            r = member.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+fn unready(ready_file: &Path, status: &Status) {
+    if status.ready.swap(false, Relaxed) {
+        tracing::warn!("node not ready");
+    }
     let _ = conflist::remove_if_exists(ready_file);
-    tracing::info!("{why}: stopping; the datapath stays in place for the next ferryd to adopt");
-    Ok(())
 }
