@@ -12,4 +12,5 @@ pub mod kernel;
 pub mod masq;
 pub mod overlay;
 pub mod record;
+pub mod service;
 pub mod store;

@@ -1,0 +1,374 @@
+//! ClusterIP and NodePort allocation, as the API server does it, against
+//! what the store already holds. Pure: the store calls it under its lock (file
+//! store) or inside a compare-and-swap loop (etcd), so two `ferryctl apply`
+//! at once can never hand out one address twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
+
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::Service;
+
+use super::model::{key, protocol};
+
+/// Where addresses and ports come from (`--service-cidr`, `--nodeport-range`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ranges {
+    pub service_cidr: Ipv4Network,
+    pub node_ports: RangeInclusive<u16>,
+}
+
+impl Default for Ranges {
+    fn default() -> Self {
+        Ranges {
+            service_cidr: "10.96.0.0/12".parse().expect("valid"),
+            node_ports: 30000..=32767,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AllocError {
+    #[error("Service {svc}: clusterIP {ip} is outside the service CIDR {cidr}")]
+    OutsideCidr {
+        svc: String,
+        ip: String,
+        cidr: Ipv4Network,
+    },
+    #[error("Service {svc}: clusterIP {ip} is already taken by Service {owner}")]
+    IpTaken {
+        svc: String,
+        ip: IpAddr,
+        owner: String,
+    },
+    #[error("Service {svc}: spec.clusterIP is immutable ({old} cannot become {new})")]
+    Immutable {
+        svc: String,
+        old: String,
+        new: String,
+    },
+    #[error("Service {svc}: nodePort {port} is outside the node-port range {lo}-{hi}")]
+    OutsideRange {
+        svc: String,
+        port: i32,
+        lo: u16,
+        hi: u16,
+    },
+    #[error("Service {svc}: nodePort {port} is already taken by Service {owner}")]
+    PortTaken {
+        svc: String,
+        port: i32,
+        owner: String,
+    },
+    #[error("the service CIDR {0} has no free address left")]
+    NoAddress(Ipv4Network),
+    #[error("the node-port range {lo}-{hi} has no free port left")]
+    NoPort { lo: u16, hi: u16 },
+}
+
+fn svc_key(s: &Service) -> String {
+    key(
+        s.metadata.namespace.as_deref(),
+        s.metadata.name.as_deref().unwrap_or(""),
+    )
+}
+
+/// The ClusterIP the API would serve, if any ("None" = headless).
+fn cluster_ip(s: &Service) -> Option<&str> {
+    let spec = s.spec.as_ref()?;
+    spec.cluster_ip
+        .as_deref()
+        .or_else(|| spec.cluster_ips.as_ref()?.first().map(String::as_str))
+        .filter(|ip| !ip.is_empty())
+}
+
+fn wants_cluster_ip(s: &Service) -> bool {
+    let spec = s.spec.as_ref();
+    spec.and_then(|s| s.type_.as_deref()) != Some("ExternalName") && cluster_ip(s) != Some("None")
+}
+
+fn wants_node_ports(s: &Service) -> bool {
+    matches!(
+        s.spec.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("NodePort" | "LoadBalancer")
+    )
+}
+
+/// Fills in a missing `clusterIP` (and `clusterIPs`, `ipFamilies`) and missing
+/// `nodePort`s of `incoming`, refusing what the API server refuses. A Service
+/// that exists already keeps what it was given; `existing` is keyed by
+/// `namespace/name`. On error nothing of `incoming` is to be written.
+pub fn assign(
+    incoming: &mut [Service],
+    existing: &BTreeMap<String, Service>,
+    r: &Ranges,
+) -> Result<(), AllocError> {
+    let replaced: BTreeSet<String> = incoming.iter().map(svc_key).collect();
+    // Held by Services that stay as they are.
+    let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut ports: BTreeMap<i32, String> = BTreeMap::new();
+    for (k, s) in existing.iter().filter(|(k, _)| !replaced.contains(*k)) {
+        if let Some(ip) = cluster_ip(s).and_then(|ip| ip.parse().ok()) {
+            ips.insert(ip, k.clone());
+        }
+        for p in s.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+            if let Some(n) = p.node_port {
+                ports.insert(n, k.clone());
+            }
+        }
+    }
+    // Explicit values first, so that an automatic pick of an earlier Service
+    // in the file never takes what a later one asks for.
+    for s in incoming.iter() {
+        let k = svc_key(s);
+        if let Some(ip) = cluster_ip(s).filter(|_| wants_cluster_ip(s)) {
+            let parsed: IpAddr = ip.parse().map_err(|_| AllocError::OutsideCidr {
+                svc: k.clone(),
+                ip: ip.into(),
+                cidr: r.service_cidr,
+            })?;
+            let old = existing.get(&k).and_then(cluster_ip);
+            if let Some(old) = old.filter(|o| *o != ip) {
+                return Err(AllocError::Immutable {
+                    svc: k,
+                    old: old.into(),
+                    new: ip.into(),
+                });
+            }
+            let inside = matches!(parsed, IpAddr::V4(v4) if r.service_cidr.contains(v4));
+            if !inside {
+                return Err(AllocError::OutsideCidr {
+                    svc: k,
+                    ip: ip.into(),
+                    cidr: r.service_cidr,
+                });
+            }
+            if let Some(owner) = ips.insert(parsed, k.clone()) {
+                return Err(AllocError::IpTaken {
+                    svc: k,
+                    ip: parsed,
+                    owner,
+                });
+            }
+        }
+        for p in s.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+            let Some(n) = p.node_port else { continue };
+            if !(i32::from(*r.node_ports.start())..=i32::from(*r.node_ports.end())).contains(&n) {
+                return Err(AllocError::OutsideRange {
+                    svc: k,
+                    port: n,
+                    lo: *r.node_ports.start(),
+                    hi: *r.node_ports.end(),
+                });
+            }
+            match ports.insert(n, k.clone()) {
+                // One Service may use one node port for TCP and UDP.
+                Some(owner) if owner != k => {
+                    return Err(AllocError::PortTaken {
+                        svc: k,
+                        port: n,
+                        owner,
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+    for s in incoming.iter_mut() {
+        let k = svc_key(s);
+        let old = existing.get(&k);
+        if wants_cluster_ip(s) && cluster_ip(s).is_none() {
+            let ip = match old.and_then(cluster_ip).and_then(|ip| ip.parse().ok()) {
+                Some(ip) => ip,
+                None => {
+                    free_ip(r.service_cidr, &ips).ok_or(AllocError::NoAddress(r.service_cidr))?
+                }
+            };
+            ips.insert(ip, k.clone());
+            let spec = s.spec.get_or_insert_with(Default::default);
+            spec.cluster_ip = Some(ip.to_string());
+            spec.cluster_ips = Some(vec![ip.to_string()]);
+            spec.ip_families = Some(vec!["IPv4".into()]);
+        }
+        if !wants_node_ports(s) {
+            continue;
+        }
+        let old_ports: Vec<_> = old
+            .and_then(|o| o.spec.as_ref())
+            .and_then(|s| s.ports.clone())
+            .unwrap_or_default();
+        let spec = s.spec.get_or_insert_with(Default::default);
+        for p in spec.ports.iter_mut().flatten() {
+            if p.node_port.is_some() {
+                continue;
+            }
+            // The same port of the same Service keeps its node port.
+            let kept = old_ports
+                .iter()
+                .find(|o| o.port == p.port && protocol(o) == protocol(p))
+                .and_then(|o| o.node_port)
+                .filter(|n| ports.get(n).is_none_or(|owner| *owner == k));
+            let n = match kept {
+                Some(n) => n,
+                None => free_port(&r.node_ports, &ports).ok_or(AllocError::NoPort {
+                    lo: *r.node_ports.start(),
+                    hi: *r.node_ports.end(),
+                })?,
+            };
+            ports.insert(n, k.clone());
+            p.node_port = Some(n);
+        }
+    }
+    Ok(())
+}
+
+/// The lowest free host address of `cidr` (not the network address, nor the
+/// broadcast address).
+fn free_ip(cidr: Ipv4Network, taken: &BTreeMap<IpAddr, String>) -> Option<IpAddr> {
+    let first = u32::from(cidr.network()).checked_add(1)?;
+    let last = u32::from(cidr.broadcast()).checked_sub(1)?;
+    (first..=last)
+        .map(|n| IpAddr::V4(Ipv4Addr::from(n)))
+        .find(|ip| !taken.contains_key(ip))
+}
+
+fn free_port(range: &RangeInclusive<u16>, taken: &BTreeMap<i32, String>) -> Option<i32> {
+    range
+        .clone()
+        .map(i32::from)
+        .find(|n| !taken.contains_key(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::model::{parse, Object};
+
+    fn services(yaml: &str) -> Vec<Service> {
+        parse(yaml)
+            .unwrap()
+            .into_iter()
+            .map(|o| match o {
+                Object::Service(s) => *s,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn svc(name: &str, spec: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    fn small() -> Ranges {
+        Ranges {
+            service_cidr: "10.96.0.0/29".parse().unwrap(),
+            node_ports: 30000..=30002,
+        }
+    }
+
+    fn store(list: Vec<Service>) -> BTreeMap<String, Service> {
+        list.into_iter().map(|s| (svc_key(&s), s)).collect()
+    }
+
+    fn ip(s: &Service) -> &str {
+        cluster_ip(s).unwrap()
+    }
+
+    #[test]
+    fn allocates_lowest_free_and_never_twice() {
+        let mut batch = services(
+            &(svc("a", "{ports: [{port: 80}]}")
+                + &svc("b", "{clusterIP: 10.96.0.1, ports: [{port: 80}]}")
+                + &svc("h", "{clusterIP: None}")
+                + &svc("x", "{type: ExternalName, externalName: example.com}")),
+        );
+        assign(&mut batch, &BTreeMap::new(), &small()).unwrap();
+        // b asked for .1 explicitly; a gets the next free one.
+        assert_eq!((ip(&batch[0]), ip(&batch[1])), ("10.96.0.2", "10.96.0.1"));
+        let spec = batch[0].spec.as_ref().unwrap();
+        assert_eq!(spec.cluster_ips, Some(vec!["10.96.0.2".to_string()]));
+        assert_eq!(spec.ip_families, Some(vec!["IPv4".to_string()]));
+        assert_eq!(ip(&batch[2]), "None");
+        assert_eq!(cluster_ip(&batch[3]), None);
+
+        // Re-applying a without its IP keeps it; a new c gets .3.
+        let existing = store(batch);
+        let mut again = services(&(svc("a", "{ports: [{port: 80}]}") + &svc("c", "{}")));
+        assign(&mut again, &existing, &small()).unwrap();
+        assert_eq!((ip(&again[0]), ip(&again[1])), ("10.96.0.2", "10.96.0.3"));
+    }
+
+    #[test]
+    fn refuses_outside_taken_immutable_and_full() {
+        let existing = store(services(&svc("a", "{clusterIP: 10.96.0.1}")));
+        let try_ = |yaml: String| assign(&mut services(&yaml), &existing, &small()).unwrap_err();
+        assert!(matches!(
+            try_(svc("b", "{clusterIP: 10.97.0.1}")),
+            AllocError::OutsideCidr { .. }
+        ));
+        assert!(matches!(
+            try_(svc("b", "{clusterIP: 'fd00::1'}")),
+            AllocError::OutsideCidr { .. }
+        ));
+        assert_eq!(
+            try_(svc("b", "{clusterIP: 10.96.0.1}")).to_string(),
+            "Service default/b: clusterIP 10.96.0.1 is already taken by Service default/a"
+        );
+        assert!(matches!(
+            try_(svc("a", "{clusterIP: 10.96.0.2}")),
+            AllocError::Immutable { .. }
+        ));
+        // /29: .1 to .6 are usable; .1 is taken, so six new ones do not fit.
+        let many: String = (0..6).map(|i| svc(&format!("n{i}"), "{}")).collect();
+        assert_eq!(try_(many), AllocError::NoAddress(small().service_cidr));
+    }
+
+    #[test]
+    fn node_ports() {
+        let np =
+            |name: &str, ports: &str| svc(name, &format!("{{type: NodePort, ports: {ports}}}"));
+        let mut batch = services(
+            &(np("a", "[{name: x, port: 80}, {name: y, port: 81}]")
+                + &np("b", "[{port: 80, nodePort: 30000}]")),
+        );
+        assign(&mut batch, &BTreeMap::new(), &small()).unwrap();
+        let node_ports = |s: &Service| -> Vec<i32> {
+            s.spec
+                .as_ref()
+                .unwrap()
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.node_port)
+                .collect()
+        };
+        // b's explicit 30000 is honoured even though a comes first.
+        assert_eq!(node_ports(&batch[0]), [30001, 30002]);
+        assert_eq!(node_ports(&batch[1]), [30000]);
+
+        let existing = store(batch);
+        let try_ = |yaml: String| assign(&mut services(&yaml), &existing, &small());
+        assert_eq!(
+            try_(np("c", "[{port: 80, nodePort: 30001}]"))
+                .unwrap_err()
+                .to_string(),
+            "Service default/c: nodePort 30001 is already taken by Service default/a"
+        );
+        assert!(matches!(
+            try_(np("c", "[{port: 80, nodePort: 29999}]")).unwrap_err(),
+            AllocError::OutsideRange { .. }
+        ));
+        assert!(matches!(
+            try_(np("c", "[{port: 80}]")).unwrap_err(),
+            AllocError::NoPort { .. }
+        ));
+        // One Service, one node port for TCP and UDP.
+        try_(np("b", "[{name: t, port: 53, nodePort: 30000}, {name: u, port: 53, protocol: UDP, nodePort: 30000}]"))
+            .unwrap();
+        // Re-applying a keeps its node ports.
+        let mut again = services(&np("a", "[{name: x, port: 80}, {name: y, port: 81}]"));
+        assign(&mut again, &existing, &small()).unwrap();
+        assert_eq!(node_ports(&again[0]), [30001, 30002]);
+    }
+}

@@ -1,0 +1,481 @@
+//! User documents → validated `v1 Service` / `discovery.k8s.io/v1
+//! EndpointSlice` objects. Everything here is pure: `ferryctl apply`
+//! validates a whole file before it writes any of it.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("document {doc}: not valid YAML or JSON: {msg}")]
+    Syntax { doc: usize, msg: String },
+    #[error("document {doc}: {msg}")]
+    Shape { doc: usize, msg: String },
+    #[error("{kind} {key}: {msg}")]
+    Invalid {
+        kind: &'static str,
+        key: String,
+        msg: String,
+    },
+}
+
+/// One object ferry understands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+        }
+    }
+
+    /// `namespace/name`, the namespace defaulted.
+    pub fn key(&self) -> String {
+        let meta = match self {
+            Object::Service(s) => &s.metadata,
+            Object::EndpointSlice(e) => &e.metadata,
+        };
+        key(
+            meta.namespace.as_deref(),
+            meta.name.as_deref().unwrap_or(""),
+        )
+    }
+}
+
+pub fn key(namespace: Option<&str>, name: &str) -> String {
+    format!("{}/{name}", namespace.unwrap_or(DEFAULT_NAMESPACE))
+}
+
+/// Every object of `text`: YAML (one or many `---` documents) or JSON, each
+/// document a Service, an EndpointSlice or a `v1 List` of them. Objects come
+/// back with the namespace defaulted and validated ([`validate`]).
+pub fn parse(text: &str) -> Result<Vec<Object>, ModelError> {
+    let mut out = Vec::new();
+    for (i, doc) in documents(text)?.into_iter().enumerate() {
+        let doc_no = i + 1;
+        let shape = |msg: String| ModelError::Shape { doc: doc_no, msg };
+        if doc.is_null() {
+            continue; // an empty document (a trailing `---`)
+        }
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        let items = if kind == "List" {
+            match doc.get("items") {
+                Some(Value::Array(items)) => items.clone(),
+                Some(Value::Null) | None => Vec::new(),
+                Some(_) => return Err(shape("List.items is not a list".into())),
+            }
+        } else {
+            vec![doc]
+        };
+        for item in items {
+            let mut obj = object(item).map_err(shape)?;
+            default_namespace(&mut obj);
+            validate(&obj)?;
+            out.push(obj);
+        }
+    }
+    Ok(out)
+}
+
+/// The documents of a YAML stream (JSON is YAML; a JSON text is parsed as
+/// JSON for exact error positions).
+fn documents(text: &str) -> Result<Vec<Value>, ModelError> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        return serde_json::from_str(text)
+            .map(|v| vec![v])
+            .map_err(|e| ModelError::Syntax {
+                doc: 1,
+                msg: e.to_string(),
+            });
+    }
+    let mut docs = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        docs.push(Value::deserialize(de).map_err(|e| ModelError::Syntax {
+            doc: i + 1,
+            msg: e.to_string(),
+        })?);
+    }
+    Ok(docs)
+}
+
+fn object(v: Value) -> Result<Object, String> {
+    let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or("");
+    match (api, kind) {
+        ("v1", "Service") => serde_json::from_value(v)
+            .map(|s| Object::Service(Box::new(s)))
+            .map_err(|e| format!("Service: {e}")),
+        ("discovery.k8s.io/v1", "EndpointSlice") => serde_json::from_value(v)
+            .map(|e| Object::EndpointSlice(Box::new(e)))
+            .map_err(|e| format!("EndpointSlice: {e}")),
+        ("", _) | (_, "") => Err("apiVersion and kind are required".into()),
+        _ => Err(format!(
+            "{api} {kind} is not supported (v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 List)"
+        )),
+    }
+}
+
+fn default_namespace(obj: &mut Object) {
+    let meta = match obj {
+        Object::Service(s) => &mut s.metadata,
+        Object::EndpointSlice(e) => &mut e.metadata,
+    };
+    meta.namespace
+        .get_or_insert_with(|| DEFAULT_NAMESPACE.into());
+}
+
+/// What the API server would refuse, and what ferry cannot program.
+pub fn validate(obj: &Object) -> Result<(), ModelError> {
+    let invalid = |msg: String| ModelError::Invalid {
+        kind: obj.kind(),
+        key: obj.key(),
+        msg,
+    };
+    let meta = match obj {
+        Object::Service(s) => &s.metadata,
+        Object::EndpointSlice(e) => &e.metadata,
+    };
+    let name = meta.name.as_deref().unwrap_or("");
+    if !is_dns_label(name) {
+        return Err(invalid(format!(
+            "metadata.name {name:?} must be a DNS label (lower-case letters, digits, '-')"
+        )));
+    }
+    let ns = meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    if !is_dns_label(ns) {
+        return Err(invalid(format!(
+            "metadata.namespace {ns:?} must be a DNS label"
+        )));
+    }
+    match obj {
+        Object::Service(s) => validate_service(s).map_err(invalid),
+        Object::EndpointSlice(e) => validate_slice(e).map_err(invalid),
+    }
+}
+
+fn validate_service(s: &Service) -> Result<(), String> {
+    let spec = s.spec.clone().unwrap_or_default();
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if !matches!(
+        ty,
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
+        return Err(format!(
+            "spec.type {ty:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+        ));
+    }
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.len() > 1
+        && ports
+            .iter()
+            .any(|p| p.name.as_deref().unwrap_or("").is_empty())
+    {
+        return Err("spec.ports: every port needs a name when there are several".into());
+    }
+    for (i, p) in ports.iter().enumerate() {
+        validate_port(p).map_err(|m| format!("spec.ports[{i}]: {m}"))?;
+        for (j, q) in ports.iter().enumerate().take(i) {
+            if q.port == p.port && protocol(q) == protocol(p) {
+                return Err(format!(
+                    "spec.ports[{i}]: port {} {} repeats spec.ports[{j}]",
+                    p.port,
+                    protocol(p)
+                ));
+            }
+            if p.name.is_some() && q.name == p.name {
+                return Err(format!("spec.ports[{i}]: name {:?} repeats", p.name));
+            }
+        }
+        if p.node_port.is_some() && !matches!(ty, "NodePort" | "LoadBalancer") {
+            return Err(format!(
+                "spec.ports[{i}].nodePort is only allowed for type NodePort or LoadBalancer"
+            ));
+        }
+    }
+    let ips = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter());
+    for ip in ips {
+        if ip != "None" && !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
+            return Err(format!("spec.clusterIP {ip:?} is not an IP address"));
+        }
+    }
+    if let (Some(a), Some(list)) = (&spec.cluster_ip, &spec.cluster_ips) {
+        if list.first().is_some_and(|f| f != a) {
+            return Err("spec.clusterIPs[0] must equal spec.clusterIP".into());
+        }
+    }
+    for ip in spec.external_ips.iter().flatten() {
+        ip.parse::<IpAddr>()
+            .map_err(|_| format!("spec.externalIPs: {ip:?} is not an IP address"))?;
+    }
+    for p in [
+        ("externalTrafficPolicy", &spec.external_traffic_policy),
+        ("internalTrafficPolicy", &spec.internal_traffic_policy),
+    ] {
+        if let Some(v) = p.1 {
+            if v != "Cluster" && v != "Local" {
+                return Err(format!("spec.{} {v:?} is not Cluster or Local", p.0));
+            }
+        }
+    }
+    match spec.session_affinity.as_deref() {
+        None | Some("None") | Some("ClientIP") => {}
+        Some(v) => {
+            return Err(format!(
+                "spec.sessionAffinity {v:?} is not None or ClientIP"
+            ))
+        }
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    if let Some(t) = timeout {
+        if !(1..=86_400).contains(&t) {
+            return Err(format!(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds {t} is not in 1..=86400"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_port(p: &ServicePort) -> Result<(), String> {
+    if !(1..=65535).contains(&p.port) {
+        return Err(format!("port {} is not in 1..=65535", p.port));
+    }
+    let proto = protocol(p);
+    if !matches!(proto, "TCP" | "UDP" | "SCTP") {
+        return Err(format!("protocol {proto:?} is not TCP, UDP or SCTP"));
+    }
+    match &p.target_port {
+        Some(IntOrString::Int(n)) if !(1..=65535).contains(n) => {
+            Err(format!("targetPort {n} is not in 1..=65535"))
+        }
+        Some(IntOrString::String(s)) if !is_port_name(s) => Err(format!(
+            "targetPort {s:?} is neither a number nor a port name"
+        )),
+        _ => Ok(()),
+    }?;
+    if let Some(n) = p.node_port {
+        if !(1..=65535).contains(&n) {
+            return Err(format!("nodePort {n} is not in 1..=65535"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_slice(e: &EndpointSlice) -> Result<(), String> {
+    let labels = e.metadata.labels.as_ref();
+    let svc = labels.and_then(|l| l.get(SERVICE_NAME_LABEL));
+    if !svc.is_some_and(|s| is_dns_label(s)) {
+        return Err(format!(
+            "metadata.labels[{SERVICE_NAME_LABEL:?}] must name its Service"
+        ));
+    }
+    let want_v6 = match e.address_type.as_str() {
+        "IPv4" => Some(false),
+        "IPv6" => Some(true),
+        "FQDN" => None,
+        other => return Err(format!("addressType {other:?} is not IPv4, IPv6 or FQDN")),
+    };
+    for (i, ep) in e.endpoints.iter().flatten().enumerate() {
+        if ep.addresses.is_empty() {
+            return Err(format!("endpoints[{i}].addresses is empty"));
+        }
+        let Some(v6) = want_v6 else { continue };
+        for a in &ep.addresses {
+            match a.parse::<IpAddr>() {
+                Ok(ip) if ip.is_ipv6() == v6 => {}
+                _ => {
+                    return Err(format!(
+                        "endpoints[{i}].addresses: {a:?} is not an {} address",
+                        e.address_type
+                    ))
+                }
+            }
+        }
+    }
+    for (i, p) in e.ports.iter().flatten().enumerate() {
+        if let Some(n) = p.port {
+            if !(1..=65535).contains(&n) {
+                return Err(format!("ports[{i}].port {n} is not in 1..=65535"));
+            }
+        }
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if !matches!(proto, "TCP" | "UDP" | "SCTP") {
+            return Err(format!(
+                "ports[{i}].protocol {proto:?} is not TCP, UDP or SCTP"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The port's protocol, TCP when unset (the API's default).
+pub fn protocol(p: &ServicePort) -> &str {
+    p.protocol.as_deref().unwrap_or("TCP")
+}
+
+/// RFC 1123 label as the API checks names: ≤ 63, `[a-z0-9]([-a-z0-9]*[a-z0-9])?`.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// IANA service name, as a named targetPort: ≤ 15, letters, digits and
+/// inner '-', at least one letter.
+fn is_port_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 15
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().any(u8::is_ascii_lowercase)
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && !s.contains("--")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: dns}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: prod
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.1.5]
+  nodeName: n1
+  conditions: {ready: true}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+---
+"#;
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn yaml_documents_default_namespace() {
+        let objs = parse(WEB).unwrap();
+        assert_eq!(objs.len(), 2);
+        assert_eq!(objs[0].key(), "default/web");
+        assert_eq!(objs[1].key(), "prod/web-1");
+        let Object::Service(s) = &objs[0] else {
+            panic!()
+        };
+        let ports = s.spec.as_ref().unwrap().ports.as_ref().unwrap();
+        assert_eq!(
+            ports[1].target_port,
+            Some(IntOrString::String("dns".into()))
+        );
+        assert_eq!(protocol(&ports[0]), "TCP");
+    }
+
+    #[test]
+    fn json_and_list() {
+        let list = r#"{"apiVersion":"v1","kind":"List","items":[
+            {"apiVersion":"v1","kind":"Service","metadata":{"name":"a","namespace":"x"},
+             "spec":{"ports":[{"port":1}]}},
+            {"apiVersion":"v1","kind":"Service","metadata":{"name":"b"},"spec":{}}]}"#;
+        let keys: Vec<String> = parse(list).unwrap().iter().map(Object::key).collect();
+        assert_eq!(keys, ["x/a", "default/b"]);
+    }
+
+    #[test]
+    fn refuses_bad_input_naming_the_cause() {
+        assert!(err("a: [1, 2").contains("document 1: not valid YAML"));
+        assert!(err("{\"kind\": ").contains("not valid YAML or JSON"));
+        assert!(err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}")
+            .contains("v1 Pod is not supported"));
+        assert!(err("kind: Service").contains("apiVersion and kind are required"));
+        let svc = |ports: &str| {
+            err(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  ports: {ports}"
+            ))
+        };
+        assert!(
+            svc("[{port: 0}]").contains("port 0 is not in 1..=65535"),
+            "{}",
+            svc("[{port: 0}]")
+        );
+        assert!(svc("[{port: 65536}]").contains("port 65536"));
+        assert!(svc("[{port: 80, protocol: ICMP}]").contains("protocol \"ICMP\""));
+        assert!(svc("[{port: 80, targetPort: 70000}]").contains("targetPort 70000"));
+        assert!(svc("[{port: 80, targetPort: \"no way\"}]").contains("neither a number"));
+        assert!(svc("[{port: 80, nodePort: 30001}]").contains("only allowed for type NodePort"));
+        assert!(svc("[{name: a, port: 80}, {name: b, port: 80}]").contains("repeats"));
+        assert!(svc("[{port: 80}, {port: 81}]").contains("needs a name"));
+        // Same port over TCP and UDP is fine.
+        parse("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports: [{name: a, port: 53}, {name: b, port: 53, protocol: UDP}]").unwrap();
+        assert!(
+            err("apiVersion: v1\nkind: Service\nmetadata: {name: Bad_Name}").contains("DNS label")
+        );
+        assert!(err(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.0.0.300}"
+        )
+        .contains("not an IP"));
+        assert!(
+            err("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {type: Magic}")
+                .contains("spec.type")
+        );
+    }
+
+    #[test]
+    fn slices_need_their_service_label_and_valid_addresses() {
+        let slice = |labels: &str, addr: &str| {
+            parse(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: e, labels: {labels}}}\naddressType: IPv4\nendpoints: [{{addresses: [{addr}]}}]"
+            ))
+        };
+        assert!(slice("{}", "10.0.0.1")
+            .unwrap_err()
+            .to_string()
+            .contains("must name its Service"));
+        assert!(slice("{kubernetes.io/service-name: s}", "fd00::1")
+            .unwrap_err()
+            .to_string()
+            .contains("not an IPv4"));
+        slice("{kubernetes.io/service-name: s}", "10.0.0.1").unwrap();
+    }
+}
