@@ -211,28 +211,34 @@ impl Inner {
     }
 
     fn renew(&self) -> StoreResult<()> {
+        self.renew_with(|| {})
+    }
+
+    /// [`Inner::renew`], calling `before_lock` just before taking the lock,
+    /// where another writer may land: tests use it to force that interleaving.
+    fn renew_with(&self, before_lock: impl FnOnce()) -> StoreResult<()> {
         let Some((reg, subnet)) = self.own.lock().expect("not poisoned").clone() else {
             return Ok(());
         };
-        let now = now_ms();
-        let ttl = reg.ttl.as_millis() as u64;
-        let current = fs::read(self.path_of(subnet))
-            .ok()
-            .and_then(|t| serde_json::from_slice::<Entry>(&t).ok());
-        match current {
-            Some(e) if e.record.node == reg.node && !e.record.left => {
-                if e.expires_ms.saturating_sub(now) > ttl / 2 {
-                    return Ok(());
-                }
-                let _lock = self.lock()?;
-                self.write(&Entry {
-                    record: e.record,
-                    expires_ms: now + ttl,
-                })
-            }
-            Some(e) if e.record.node == reg.node => Err(StoreError::Left(reg.node)),
-            _ => Err(StoreError::NotRegistered(reg.node)),
+        // Most ticks find the lease fresh: look without the lock first, so
+        // that they neither write nor wait for other nodes' writes.
+        if renewal(self.read_entry(subnet), &reg, now_ms())?.is_none() {
+            return Ok(());
         }
+        before_lock();
+        let _lock = self.lock()?;
+        // Decide again on what is there now: a `leave` (from any process)
+        // may have landed since the first look, and must not be undone.
+        match renewal(self.read_entry(subnet), &reg, now_ms())? {
+            Some(e) => self.write(&e),
+            None => Ok(()),
+        }
+    }
+
+    fn read_entry(&self, subnet: Ipv4Network) -> Option<Entry> {
+        fs::read(self.path_of(subnet))
+            .ok()
+            .and_then(|t| serde_json::from_slice(&t).ok())
     }
 
     fn leave(&self, node: &str) -> StoreResult<()> {
@@ -256,6 +262,26 @@ impl Inner {
     fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
         let now = now_ms();
         Ok(live(self.read_all()?, now))
+    }
+}
+
+/// What renewing `reg`'s lease writes, given the entry stored for its
+/// subnet: nothing while more than half of the lease remains. A record that
+/// left or is gone is an error, so that the daemon stops or re-registers.
+fn renewal(current: Option<Entry>, reg: &Registration, now_ms: u64) -> StoreResult<Option<Entry>> {
+    let ttl = reg.ttl.as_millis() as u64;
+    match current {
+        Some(e) if e.record.node == reg.node && e.record.left => {
+            Err(StoreError::Left(reg.node.clone()))
+        }
+        Some(e) if e.record.node == reg.node => {
+            let due = e.expires_ms.saturating_sub(now_ms) <= ttl / 2;
+            Ok(due.then(|| Entry {
+                record: e.record,
+                expires_ms: now_ms + ttl,
+            }))
+        }
+        _ => Err(StoreError::NotRegistered(reg.node.clone())),
     }
 }
 
@@ -446,6 +472,29 @@ mod tests {
         assert!(e.expires_ms > now_ms() + 9000);
         fs::remove_file(&path).unwrap();
         assert!(matches!(s.inner.renew(), Err(StoreError::NotRegistered(_))));
+    }
+
+    /// A `leave` from another handle (another process) that lands between
+    /// renew's first look and its write is not undone: the node stays left,
+    /// and renew says so, which stops the daemon's renewals.
+    #[test]
+    fn renew_does_not_undo_a_concurrent_leave() {
+        let d = TempDir::new("fs5");
+        let s = FileStore::open(&d.0).unwrap();
+        let other = FileStore::open(&d.0).unwrap();
+        let a = s
+            .inner
+            .register(&reg("a", Duration::from_secs(10)))
+            .unwrap();
+        let path = s.inner.path_of(a.subnet);
+        // Make the lease due for renewal, so that renew writes.
+        let mut e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        e.expires_ms = now_ms() + 1000;
+        s.inner.write(&e).unwrap();
+        let res = s.inner.renew_with(|| other.inner.leave("a").unwrap());
+        let e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert!(e.record.left, "renew undid the leave: {e:?}");
+        assert!(matches!(res, Err(StoreError::Left(_))), "{res:?}");
     }
 
     #[test]
