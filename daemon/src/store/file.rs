@@ -331,39 +331,8 @@ impl Store for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Mac;
+    use crate::store::testing::{reg, TempDir};
     use std::time::Duration;
-
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            static N: AtomicU64 = AtomicU64::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "ferryd-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn reg(node: &str, ttl: Duration) -> Registration {
-        Registration {
-            node: node.into(),
-            underlay_ip: "192.168.0.1".parse().unwrap(),
-            vtep_mac: Mac::for_vtep(node, 1),
-            cluster: "10.244.0.0/16".parse().unwrap(),
-            subnet_len: 24,
-            ttl,
-            prefer: None,
-        }
-    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

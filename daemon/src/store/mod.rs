@@ -92,3 +92,62 @@ pub trait Store: Send + Sync + 'static {
     /// free again only once its lease expired.
     fn leave(&self, node: &str) -> impl Future<Output = StoreResult<()>> + Send;
 }
+
+/// What the stores' unit tests share.
+#[cfg(test)]
+mod testing {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::Registration;
+    use crate::record::Mac;
+
+    /// A fresh directory, removed on drop.
+    pub struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub fn new(tag: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "ferryd-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub fn reg(node: &str, ttl: Duration) -> Registration {
+        Registration {
+            node: node.into(),
+            underlay_ip: "192.168.0.1".parse().unwrap(),
+            vtep_mac: Mac::for_vtep(node, 1),
+            cluster: "10.244.0.0/16".parse().unwrap(),
+            subnet_len: 24,
+            ttl,
+            prefer: None,
+        }
+    }
+
+    /// The running test cannot run here because of `why`: prints
+    /// "skipped: <test>: <why>", or panics when FERRY_REQUIRE_ALL is set (as the
+    /// end-to-end tests do), so that a skip never reads as a pass in CI.
+    pub fn skip(why: &str) {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("<unnamed test>")
+            .to_string();
+        if std::env::var_os("FERRY_REQUIRE_ALL").is_some_and(|v| !v.is_empty() && v != "0") {
+            panic!("{test} cannot run here ({why}) and FERRY_REQUIRE_ALL forbids skipping");
+        }
+        println!("skipped: {test}: {why}");
+    }
+}
