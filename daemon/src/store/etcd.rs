@@ -9,6 +9,7 @@
 //! their lease expires, which frees the subnet. A watch on the prefix wakes
 //! the daemon.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,12 +154,63 @@ impl EtcdStore {
         let r = timed(&self.endpoints, "reserve subnet", c.txn(txn)).await?;
         Ok(r.succeeded())
     }
+
+    /// [`Store::leave`], awaiting `before_write()` between reading the
+    /// records and writing them, where another writer may land: tests use it
+    /// to force that interleaving.
+    async fn leave_with<F: Future<Output = ()>>(
+        &self,
+        node: &str,
+        mut before_write: impl FnMut() -> F,
+    ) -> StoreResult<()> {
+        // Only a read reports success: each round reads the node's records
+        // and compare-and-swaps those not yet left. A swap fails when the
+        // record changed since the read (the node registered again: a
+        // restart, a new underlay address); the next round reads again.
+        let mut rounds = 0;
+        loop {
+            let mine: Vec<Kv> = self
+                .list()
+                .await?
+                .into_iter()
+                .filter(|kv| kv.record.node == node)
+                .collect();
+            if rounds == 0 && mine.is_empty() {
+                return Err(StoreError::NotRegistered(node.to_string()));
+            }
+            let pending: Vec<Kv> = mine.into_iter().filter(|kv| !kv.record.left).collect();
+            if pending.is_empty() {
+                break;
+            }
+            if rounds == ATTEMPTS {
+                return Err(StoreError::LeaveContention {
+                    node: node.to_string(),
+                    attempts: ATTEMPTS,
+                });
+            }
+            rounds += 1;
+            before_write().await;
+            for kv in pending {
+                let mut rec = kv.record;
+                rec.left = true;
+                let key = self.key(kv.subnet);
+                let cmp = Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision);
+                // Keep the lease: the subnet stays reserved until it expires.
+                self.put_if(cmp, key, &rec, kv.lease).await?;
+            }
+        }
+        let mut own = self.own.lock().await;
+        if let Some(o) = own.as_mut() {
+            o.keeper = None;
+        }
+        Ok(())
+    }
 }
 
 async fn timed<T>(
     endpoints: &str,
     what: &str,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> StoreResult<T> {
     match tokio::time::timeout(OP_TIMEOUT, f).await {
         Ok(Ok(t)) => Ok(t),
@@ -312,27 +364,174 @@ impl Store for EtcdStore {
     }
 
     async fn leave(&self, node: &str) -> StoreResult<()> {
-        let kvs = self.list().await?;
-        let mut found = false;
-        for kv in kvs.into_iter().filter(|kv| kv.record.node == node) {
-            found = true;
-            if kv.record.left {
-                continue;
+        self.leave_with(node, || async {}).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{reg, skip, TempDir};
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Child, Command, Stdio};
+
+    /// An etcd of the test's own: free ports on the loopback, a temp data
+    /// dir; killed on drop.
+    struct TestEtcd {
+        child: Child,
+        url: String,
+        dir: TempDir,
+    }
+
+    impl TestEtcd {
+        /// None, after [`skip`]ping, when etcd is not installed.
+        fn start() -> Option<TestEtcd> {
+            // Both listeners stay open until both ports are known, so they
+            // differ; then they close for etcd to take the ports.
+            let listeners = [free_port(), free_port()];
+            let [client, peer] = listeners.map(|l| l.local_addr().unwrap());
+            let url = format!("http://{client}");
+            let peer_url = format!("http://{peer}");
+            let dir = TempDir::new("etcd");
+            let log = std::fs::File::create(dir.0.join("etcd.log")).unwrap();
+            let spawned = Command::new("etcd")
+                .args(["--name", "default", "--data-dir"])
+                .arg(dir.0.join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("default={peer_url}")])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn();
+            let child = match spawned {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    skip("needs etcd");
+                    return None;
+                }
+                Err(e) => panic!("cannot start etcd: {e}"),
+            };
+            let mut etcd = TestEtcd { child, url, dir };
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while TcpStream::connect(client).is_err() {
+                let exited = etcd.child.try_wait().unwrap();
+                if exited.is_some() || std::time::Instant::now() > deadline {
+                    panic!("etcd did not come up ({exited:?}):\n{}", etcd.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            let mut rec = kv.record.clone();
-            rec.left = true;
-            let cmp = Compare::mod_revision(self.key(kv.subnet), CompareOp::Equal, kv.mod_revision);
-            // Keep the lease: the subnet stays reserved until it expires.
-            self.put_if(cmp, self.key(kv.subnet), &rec, kv.lease)
-                .await?;
+            Some(etcd)
         }
-        if !found {
-            return Err(StoreError::NotRegistered(node.to_string()));
+
+        async fn open(&self) -> EtcdStore {
+            match EtcdStore::open(std::slice::from_ref(&self.url), "/ferry-test").await {
+                Ok(s) => s,
+                Err(e) => panic!("{e}\n{}", self.log()),
+            }
         }
-        let mut own = self.own.lock().await;
-        if let Some(o) = own.as_mut() {
-            o.keeper = None;
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.0.join("etcd.log")).unwrap_or_default()
         }
-        Ok(())
+    }
+
+    impl Drop for TestEtcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    /// Registers node "a" through `node`; returns its record as etcd holds it.
+    async fn registered(node: &EtcdStore) -> Kv {
+        node.register(&reg("a", Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let mut kvs = node.list().await.unwrap();
+        assert_eq!(kvs.len(), 1);
+        kvs.pop().unwrap()
+    }
+
+    /// Rewrites `rec` unchanged through `client`: a new mod_revision, as when
+    /// the node registers again, so a compare-and-swap on the old one fails.
+    async fn touch(mut client: Client, key: String, rec: &NodeRecord, lease: i64) {
+        let val = serde_json::to_vec(rec).unwrap();
+        client
+            .put(key, val, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .unwrap();
+    }
+
+    /// The record changes once between leave's read and its write: leave
+    /// must read again and really mark the node as left.
+    #[tokio::test]
+    async fn leave_retries_when_the_record_changed() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let node = etcd.open().await;
+        let cli = etcd.open().await;
+        let kv = registered(&node).await;
+        let mut touched = false;
+        let res = cli
+            .leave_with("a", || {
+                let first = !std::mem::replace(&mut touched, true);
+                let (client, key) = (node.client.clone(), node.key(kv.subnet));
+                let (rec, lease) = (&kv.record, kv.lease);
+                async move {
+                    if first {
+                        touch(client, key, rec, lease).await;
+                    }
+                }
+            })
+            .await;
+        let now = cli.list().await.unwrap();
+        assert!(
+            now[0].record.left,
+            "leave returned {res:?}, but the record is {:?}",
+            now[0].record
+        );
+        res.unwrap();
+        assert!(cli.nodes().await.unwrap().is_empty());
+    }
+
+    /// The record changes before every write: leave must give up with an
+    /// error, never report the node as left.
+    #[tokio::test]
+    async fn leave_fails_when_the_record_keeps_changing() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let node = etcd.open().await;
+        let cli = etcd.open().await;
+        let kv = registered(&node).await;
+        let res = cli
+            .leave_with("a", || {
+                touch(
+                    node.client.clone(),
+                    node.key(kv.subnet),
+                    &kv.record,
+                    kv.lease,
+                )
+            })
+            .await;
+        let now = cli.list().await.unwrap();
+        assert!(!now[0].record.left);
+        assert!(
+            matches!(res, Err(StoreError::LeaveContention { .. })),
+            "leave returned {res:?}, but the record is {:?}",
+            now[0].record
+        );
     }
 }

@@ -69,6 +69,10 @@ pub enum StoreError {
     },
     #[error("could not reserve a subnet after {0} attempts (too much contention)")]
     Contention(u32),
+    #[error(
+        "could not mark node {node:?} as left after {attempts} attempts: its record kept changing"
+    )]
+    LeaveContention { node: String, attempts: u32 },
     #[error("node {0:?} was marked as left in the store (ferryd leave)")]
     Left(String),
     #[error("node {0:?} is not registered in the store")]
