@@ -32,7 +32,7 @@ use crate::health::{self, Status};
 use crate::kernel::{self, KernelError, Underlay};
 use crate::overlay::{self, Local, Params};
 use crate::record::{Mac, NodeRecord};
-use crate::store::{Registration, Store, StoreError};
+use crate::store::{ClusterState, Membership, Registration, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -311,7 +311,7 @@ pub async fn run<S: Store>(
 
 /// Registration and lease renewal. Re-registers when the record vanished
 /// from the store or the overlay saw the underlay address change.
-async fn membership<S: Store>(
+async fn membership<S: Membership>(
     store: Arc<S>,
     mut reg: Registration,
     ttl: Duration,
@@ -351,7 +351,7 @@ async fn membership<S: Store>(
     }
 }
 
-async fn register<S: Store>(
+async fn register<S: Membership>(
     store: &S,
     reg: &mut Registration,
     member: &watch::Sender<Member>,
@@ -372,7 +372,7 @@ async fn register<S: Store>(
 /// Publishes the live node records: after every store change (a burst of
 /// writes settles into one read) and on the reconcile timer. An unreachable
 /// store keeps the last snapshot: the kernel keeps the last known overlay.
-async fn node_source<S: Store>(
+async fn node_source<S: ClusterState>(
     store: Arc<S>,
     every: Duration,
     nodes: watch::Sender<Option<Arc<Vec<NodeRecord>>>>,

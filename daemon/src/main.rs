@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ferryd::config::{default_node_name, Cli, Cmd, ConfigError, Settings, StoreSpec};
 use ferryd::daemon::{self, DaemonError};
-use ferryd::store::{etcd::EtcdStore, file::FileStore, Store};
+use ferryd::store::{etcd::EtcdStore, file::FileStore, Membership};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -20,7 +20,7 @@ use etcd_client::{
 use ipnetwork::Ipv4Network;
 use tokio::sync::{Mutex, Notify};
 
-use super::{Registration, Store, StoreError, StoreResult};
+use super::{ClusterState, Membership, Registration, StoreError, StoreResult};
 use crate::record::{self, Allocation, NodeRecord, Reservation};
 
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -229,7 +229,7 @@ async fn timed<T>(
 
 const ATTEMPTS: u32 = 32;
 
-impl Store for EtcdStore {
+impl Membership for EtcdStore {
     async fn register(&self, reg: &Registration) -> StoreResult<NodeRecord> {
         let lease = self.grant(reg.ttl).await?;
         let mut skip = Vec::new();
@@ -293,20 +293,6 @@ impl Store for EtcdStore {
         Err(StoreError::Contention(ATTEMPTS))
     }
 
-    async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|kv| !kv.record.left)
-            .map(|kv| kv.record)
-            .collect())
-    }
-
-    async fn changed(&self) {
-        self.notify.notified().await;
-    }
-
     async fn renew(&self) -> StoreResult<()> {
         let mut own = self.own.lock().await;
         let Some(o) = own.as_mut() else {
@@ -365,6 +351,22 @@ impl Store for EtcdStore {
 
     async fn leave(&self, node: &str) -> StoreResult<()> {
         self.leave_with(node, || async {}).await
+    }
+}
+
+impl ClusterState for EtcdStore {
+    async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|kv| !kv.record.left)
+            .map(|kv| kv.record)
+            .collect())
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
     }
 }
 

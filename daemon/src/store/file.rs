@@ -19,7 +19,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::{Registration, Store, StoreError, StoreResult};
+use super::{ClusterState, Membership, Registration, StoreError, StoreResult};
 use crate::record::{self, Allocation, NodeRecord, Reservation};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -304,18 +304,10 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-impl Store for FileStore {
+impl Membership for FileStore {
     async fn register(&self, reg: &Registration) -> StoreResult<NodeRecord> {
         let reg = reg.clone();
         blocking(&self.inner, move |i| i.register(&reg)).await
-    }
-
-    async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        blocking(&self.inner, |i| i.nodes()).await
-    }
-
-    async fn changed(&self) {
-        self.notify.notified().await;
     }
 
     async fn renew(&self) -> StoreResult<()> {
@@ -325,6 +317,16 @@ impl Store for FileStore {
     async fn leave(&self, node: &str) -> StoreResult<()> {
         let node = node.to_string();
         blocking(&self.inner, move |i| i.leave(&node)).await
+    }
+}
+
+impl ClusterState for FileStore {
+    async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        blocking(&self.inner, |i| i.nodes()).await
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
     }
 }
 

@@ -1,4 +1,5 @@
-//! Cluster state: one trait, a store per backend.
+//! Cluster state: what a node publishes ([`Membership`]) and what the
+//! cluster holds ([`ClusterState`]), a store per backend.
 //!
 //! Each store holds one record per allocated subnet ([`NodeRecord`]) under
 //! a lease. `register` finds or allocates this node's subnet and publishes
@@ -81,21 +82,32 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// A backend of cluster state.
-pub trait Store: Send + Sync + 'static {
+/// What a node publishes about itself: its registration under a lease.
+/// The Kubernetes API has its own (the kubelet registers the Node), so a
+/// Kubernetes source does not implement this.
+pub trait Membership: Send + Sync + 'static {
     /// Finds or allocates this node's subnet and publishes its record.
     fn register(&self, reg: &Registration) -> impl Future<Output = StoreResult<NodeRecord>> + Send;
-    /// Live records of all nodes (this one included), without those that
-    /// left or whose lease expired.
-    fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
-    /// Resolves when the records may have changed.
-    fn changed(&self) -> impl Future<Output = ()> + Send;
     /// Keeps this node's lease alive; called about every few seconds.
     fn renew(&self) -> impl Future<Output = StoreResult<()>> + Send;
     /// Marks `node` as left: it drops out of `nodes` at once; its subnet is
     /// free again only once its lease expired.
     fn leave(&self, node: &str) -> impl Future<Output = StoreResult<()>> + Send;
 }
+
+/// What the cluster holds, as a source of snapshots reads it.
+pub trait ClusterState: Send + Sync + 'static {
+    /// Live records of all nodes (this one included), without those that
+    /// left or whose lease expired.
+    fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
+    /// Resolves when the records may have changed.
+    fn changed(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// A backend that is both: the file store and etcd.
+pub trait Store: Membership + ClusterState {}
+
+impl<T: Membership + ClusterState> Store for T {}
 
 /// What the stores' unit tests share.
 #[cfg(test)]
