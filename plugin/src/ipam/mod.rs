@@ -303,6 +303,12 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
         .any(|k| conf.raw.get(*k).is_some_and(|v| !v.is_null()));
     if !listed {
         eprintln!("ferry-ipam: GC without cni.dev/valid-attachments; nothing released");
+        // Abandoned temps belong to no attachment: they go regardless (the
+        // listing sweeps them).
+        let data_dir = config::data_dir(&conf.raw).ok();
+        if let Some(store) = data_dir.and_then(|d| Store::existing(&d, &conf.name)) {
+            let _ = store.list();
+        }
         return Ok(());
     }
     let valid = conf.valid_attachments()?;
@@ -310,7 +316,8 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
     let Some(store) = Store::existing(&data_dir, &conf.name) else {
         return Ok(());
     };
-    // Held throughout: GC is rare, and no ADD may link while we judge.
+    // Held throughout: GC is rare, and no ADD may link while we judge. The
+    // listing also sweeps abandoned temps.
     let locked = store.lock().map_err(store_error(&store))?;
     let listing = store.list().map_err(store_error(&store))?;
     let leases = store.read_all(&listing).map_err(store_error(&store))?;

@@ -8,11 +8,13 @@
 //! - `<ip>` (`10.9.0.5`, `fd00::5`): one lease, content
 //!   `<containerID>\r\n<ifname>`; older host-local wrote only `<containerID>`.
 //! - `last_reserved_ip.<range set index>`: the round-robin cursor, a hint.
-//! - `.ferry-tmp.<pid>.<n>`: a file being written. A lease is written to a
-//!   temp file and then link(2)ed to its IP name, so it exists whole or not at
-//!   all, and link's EEXIST guards against handing an address out twice even
-//!   if something wrote behind the lock's back. Temps a killed process left
-//!   are swept by later listings once older than a minute.
+//! - `.ferry-tmp.<pid>.<n>.<pidns>`: a file being written. A lease is written
+//!   to a temp file and then link(2)ed to its IP name, so it exists whole or
+//!   not at all, and link's EEXIST guards against handing an address out twice
+//!   even if something wrote behind the lock's back. Temps a killed process
+//!   left are swept by later listings (ADD's, DEL's, GC's) as soon as their
+//!   writer is dead, and in any case once older than a minute; see
+//!   [`abandoned`].
 //! - `.ferry-owner:<containerID>:<ifname>:<ip>`: a second hard link of a lease
 //!   we wrote (neither ID nor ifname may contain ':'). An index: finding an
 //!   attachment's leases needs only the directory listing instead of reading
@@ -37,13 +39,16 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
 
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED: &str = "last_reserved_ip.";
@@ -163,7 +168,8 @@ impl Store {
     }
 
     /// Names only (cheap). Safe without the lock: leases appear by link and
-    /// vanish by unlink. Sweeps stale temp files on the way.
+    /// vanish by unlink. Sweeps abandoned temp files on the way: a syscall
+    /// or two per temp, and there are only as many as ADDs in flight.
     pub fn list(&self) -> io::Result<Listing> {
         let mut out = Listing::default();
         for entry in fs::read_dir(&self.dir)? {
@@ -174,8 +180,8 @@ impl Store {
                 out.leases.insert(ip);
             } else if let Some(pair) = parse_index_name(name) {
                 out.index.push(pair);
-            } else if name.starts_with(TEMP_PREFIX) {
-                sweep_if_stale(&entry.path());
+            } else if let Some(writer) = name.strip_prefix(TEMP_PREFIX) {
+                sweep_temp(&entry.path(), writer);
             }
         }
         Ok(out)
@@ -318,8 +324,9 @@ impl Locked<'_> {
             Err(e) => Err(e),
         };
         let linked = match link(tmp) {
-            // The temp was swept as stale while we waited over a minute for
-            // the lock: write it again.
+            // Our temp is never judged dead (we are alive), but it is swept as
+            // stale once we waited over a minute for the lock: write it again.
+            // The new one is fresh, so losing it too is an error, not a loop.
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 *tmp = TempFile::create(&self.store.dir, std::mem::take(&mut tmp.content))?;
                 link(tmp)
@@ -329,7 +336,8 @@ impl Locked<'_> {
         if linked {
             if let Some(name) = index_name(owner, ip) {
                 // Best effort: without an entry the lease is merely read
-                // instead of named. A stale entry of the same name is replaced.
+                // instead of named (also when the temp was swept just now).
+                // A stale entry of the same name is replaced.
                 let index = self.store.dir.join(name);
                 if let Err(e) = fs::hard_link(&tmp.path, &index) {
                     if e.kind() == ErrorKind::AlreadyExists && fs::remove_file(&index).is_ok() {
@@ -391,12 +399,10 @@ pub struct TempFile {
 
 impl TempFile {
     fn create(dir: &Path, content: Vec<u8>) -> io::Result<TempFile> {
-        // pid + counter is unique among live processes and threads; a file a
-        // dead process with a recycled pid left behind is simply skipped.
-        static SEQ: AtomicU64 = AtomicU64::new(0);
+        // A file a dead process with a recycled pid left behind is simply
+        // skipped.
         loop {
-            let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            let path = dir.join(format!("{TEMP_PREFIX}{}.{n}", std::process::id()));
+            let path = dir.join(temp_name(TEMP_PREFIX));
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -428,19 +434,109 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
     }
 }
 
-fn sweep_if_stale(path: &Path) {
-    let old = fs::symlink_metadata(path)
+/// A name for a temp file, `<prefix><pid>.<n>.<pidns>`: unique among live
+/// processes and threads (pid + counter), and telling a later sweep who
+/// writes it. Shared with ferry's attachment records.
+pub(crate) fn temp_name(prefix: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    writer_name(
+        prefix,
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+    )
+}
+
+/// The temp name process `pid` of our pid namespace gives its `n`th temp.
+pub(crate) fn writer_name(prefix: &str, pid: u32, n: u64) -> String {
+    match own_pid_ns() {
+        Some(ns) => format!("{prefix}{pid}.{n}.{ns}"),
+        // Without /proc nobody can judge our pid: the age rule alone applies.
+        None => format!("{prefix}{pid}.{n}"),
+    }
+}
+
+/// Remove the temp file at `path` if it is [`abandoned`]. Best effort, like
+/// every sweep: a failure only leaves it for the next one.
+pub(crate) fn sweep_temp(path: &Path, writer: &str) {
+    if abandoned(path, writer) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// Is a temp file (`writer` is its name after the prefix, see [`temp_name`])
+/// left by a dead process? Yes when its writer is gone, or when it is older
+/// than a minute.
+///
+/// A dead writer (kill(pid, 0) gives ESRCH) is final: it cannot come back to
+/// finish the file, so the sweep need not wait. But a pid only names a
+/// process in the pid namespace it was taken in, and pids are recycled: a GC
+/// run from another namespace (a containerised runtime, say) must not judge
+/// our pids at all, hence the namespace in the name, and a recycled pid makes
+/// a dead writer look alive. The age bound catches both, and old names
+/// without a namespace (`.ferry-tmp.<pid>.<n>`, `.tmp.<pid>`). It is far
+/// above any real write (microseconds) and still safe for a writer that
+/// waited longer for the lock: commit writes its temp again.
+pub(crate) fn abandoned(path: &Path, writer: &str) -> bool {
+    writer_dead(writer) || older_than(path, STALE_TEMP)
+}
+
+fn writer_dead(writer: &str) -> bool {
+    let mut fields = writer.split('.');
+    // > 0: kill(0 or -n) would address process groups.
+    let pid = fields.next().and_then(|p| p.parse::<i32>().ok());
+    let Some(pid) = pid.filter(|&p| p > 0) else {
+        return false;
+    };
+    let ns = fields.nth(1).and_then(|n| n.parse::<u64>().ok());
+    // EPERM means the process exists (someone else's): alive.
+    ns.is_some() && ns == own_pid_ns() && kill(Pid::from_raw(pid), None) == Err(Errno::ESRCH)
+}
+
+fn older_than(path: &Path, bound: Duration) -> bool {
+    fs::symlink_metadata(path)
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .is_some_and(|age| age > STALE_TEMP);
-    if old {
-        let _ = fs::remove_file(path);
+        .is_some_and(|age| age > bound)
+}
+
+/// The inode of our pid namespace, which identifies it: one stat per process.
+fn own_pid_ns() -> Option<u64> {
+    static NS: OnceLock<Option<u64>> = OnceLock::new();
+    *NS.get_or_init(|| fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino()))
+}
+
+/// For tests of the sweeps, here and in attachment.rs.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::fs::File;
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    /// The pid of a process that has exited and been reaped: dead, until the
+    /// kernel hands the pid out again (after a full cycle through pid_max).
+    pub fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    /// Write a file last modified `age` ago.
+    pub fn write_aged(path: &Path, age: Duration) {
+        std::fs::write(path, "x\r\neth0").unwrap();
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{dead_pid, write_aged};
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -498,5 +594,71 @@ mod tests {
             [ip("10.0.0.3")]
         );
         assert!(owned_by(&leases, &Owner::new("c3", "eth0")).is_empty());
+    }
+
+    #[test]
+    fn abandoned_means_dead_writer_or_old_file() {
+        let dir = std::env::temp_dir().join(format!("ferry-abandoned-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (live, dead) = (std::process::id(), dead_pid());
+        let ns = own_pid_ns().expect("tests run with /proc");
+        let old = Duration::from_secs(120);
+        let fresh = Duration::ZERO;
+        for (writer, age, want) in [
+            (writer_name("", dead, 7), fresh, true),
+            (writer_name("", live, 7), fresh, false),
+            (writer_name("", live, 7), old, true),
+            // A dead writer of our namespace is judged at once, one of
+            // another namespace or of an older name by age only.
+            (format!("{dead}.7.{}", ns + 1), fresh, false),
+            (format!("{dead}.7.{}", ns + 1), old, true),
+            (format!("{dead}.7"), fresh, false),
+            (format!("{dead}"), fresh, false),
+            (format!("{dead}"), old, true),
+            // kill(0) and kill(-1) address groups: never a writer.
+            (format!("0.7.{ns}"), fresh, false),
+            (format!("-1.7.{ns}"), fresh, false),
+            (format!("junk.7.{ns}"), fresh, false),
+        ] {
+            let path = dir.join(format!("{TEMP_PREFIX}{writer}"));
+            write_aged(&path, age);
+            assert_eq!(abandoned(&path, &writer), want, "{writer} aged {age:?}");
+            sweep_temp(&path, &writer);
+            assert_eq!(path.exists(), !want, "{writer} aged {age:?}");
+            let _ = fs::remove_file(&path);
+        }
+        let ours = temp_name(TEMP_PREFIX);
+        let writer = ours.strip_prefix(TEMP_PREFIX).unwrap();
+        assert_eq!(
+            writer,
+            format!("{live}.{}.{ns}", writer.split('.').nth(1).unwrap())
+        );
+        write_aged(&dir.join(&ours), fresh);
+        assert!(!abandoned(&dir.join(&ours), writer));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn commit_writes_a_swept_temp_again() {
+        let dir = std::env::temp_dir().join(format!("ferry-reswept-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::open(&dir, "net").unwrap();
+        let owner = Owner::new("c1", "eth0");
+        let mut tmp = store.prepare(&owner).unwrap();
+        // As if swept while we waited for the lock.
+        fs::remove_file(&tmp.path).unwrap();
+        let locked = store.lock().unwrap();
+        assert!(locked.commit(&mut tmp, &owner, ip("10.0.0.2")).unwrap());
+        assert_eq!(locked.owner(ip("10.0.0.2")).unwrap(), Some(owner.clone()));
+        assert!(store.dir().join(".ferry-owner:c1:eth0:10.0.0.2").exists());
+        drop(tmp);
+        let mut names: Vec<String> = fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".ferry-owner:c1:eth0:10.0.0.2", "10.0.0.2", "lock"]);
+        drop(locked);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

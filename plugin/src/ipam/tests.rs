@@ -5,10 +5,11 @@ use std::fs;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::store::testing::{dead_pid, write_aged};
 use super::*;
 
 /// A fresh directory, removed when dropped.
@@ -350,17 +351,20 @@ fn gc_keeps_valid_attachments_only() {
     let net = d.0.join("net1");
     fs::write(net.join("10.9.0.50"), "b").unwrap(); // old format, container b
     fs::write(net.join("10.9.0.51"), "gone").unwrap();
-    // A temp file a killed process left two minutes ago, and a fresh one.
-    let stale = net.join(".ferry-tmp.1.1");
-    fs::write(&stale, "x\r\neth0").unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&stale)
-        .unwrap()
-        .set_modified(SystemTime::now() - Duration::from_secs(120))
-        .unwrap();
-    let fresh = net.join(".ferry-tmp.1.2");
-    fs::write(&fresh, "x\r\neth0").unwrap();
+    // A temp file of a killed process (whose pid now names a live one) two
+    // minutes old, and a fresh one of a live writer.
+    let stale = net.join(store::writer_name(
+        ".ferry-tmp.",
+        std::process::id(),
+        1_000_001,
+    ));
+    write_aged(&stale, Duration::from_secs(120));
+    let fresh = net.join(store::writer_name(
+        ".ferry-tmp.",
+        std::process::id(),
+        1_000_002,
+    ));
+    write_aged(&fresh, Duration::ZERO);
 
     // Without the list nothing is released.
     gc(&c).unwrap();
@@ -530,4 +534,55 @@ fn the_index_is_only_a_hint() {
             "lock"
         ]
     );
+}
+
+/// The three kinds of temp a sweep meets, in `net`: (dead writer, fresh),
+/// (live writer, old), (live writer, fresh). The first two must go.
+fn plant_temps(net: &Path, n: u64) -> [PathBuf; 3] {
+    let name = |pid, k| net.join(store::writer_name(".ferry-tmp.", pid, 1_000_000 + n + k));
+    let temps = [
+        name(dead_pid(), 0),
+        name(std::process::id(), 1),
+        name(std::process::id(), 2),
+    ];
+    write_aged(&temps[0], Duration::ZERO);
+    write_aged(&temps[1], Duration::from_secs(120));
+    write_aged(&temps[2], Duration::ZERO);
+    temps
+}
+
+fn assert_swept(temps: &[PathBuf; 3], after: &str) {
+    assert!(!temps[0].exists(), "{after}: dead writer's fresh temp kept");
+    assert!(!temps[1].exists(), "{after}: live writer's old temp kept");
+    assert!(
+        temps[2].exists(),
+        "{after}: live writer's fresh temp removed"
+    );
+}
+
+#[test]
+fn gc_and_add_sweep_temps_of_dead_writers() {
+    let d = TempDir::new("sweep");
+    let c = v4(&d.0);
+    add(&c, &env("ADD", "a", "eth0", "")).unwrap();
+    let net = d.0.join("net1");
+
+    let temps = plant_temps(&net, 0);
+    let valid = json!({"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]});
+    gc(&conf(&d.0, json!({"subnet": "10.9.0.0/24"}), valid)).unwrap();
+    assert_swept(&temps, "GC");
+    assert_eq!(lease_files(&d.0), HashSet::from(["10.9.0.2".into()]));
+
+    // A GC without the list releases no lease, but temps are nobody's.
+    let temps = plant_temps(&net, 10);
+    gc(&c).unwrap();
+    assert_swept(&temps, "GC without a list");
+
+    let temps = plant_temps(&net, 20);
+    add(&c, &env("ADD", "b", "eth0", "")).unwrap();
+    assert_swept(&temps, "ADD");
+    // A repeated ADD (nothing to write) lists the directory too.
+    let temps = plant_temps(&net, 30);
+    add(&c, &env("ADD", "b", "eth0", "")).unwrap();
+    assert_swept(&temps, "repeated ADD");
 }
