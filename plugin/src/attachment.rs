@@ -2,7 +2,10 @@
 //! ifname), so DEL and GC can clean up without the pod's netns or IP.
 //!
 //! Written before any kernel object exists and removed after the last one is
-//! gone; a crash in between leaves a record that DEL or GC finishes.
+//! gone; a crash in between leaves a record that DEL or GC finishes. A crash
+//! while writing one leaves a temp file, `.tmp.<pid>.<n>.<pidns>`, which the
+//! next ADD or GC on the network sweeps once its writer is dead (the lease
+//! store's rule, [`abandoned`](crate::ipam::store::abandoned)).
 
 use std::fs;
 use std::io::ErrorKind;
@@ -13,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cni::error::io_error;
 use crate::cni::CniResult;
+use crate::ipam::store::{sweep_temp, temp_name};
+
+const TEMP_PREFIX: &str = ".tmp.";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -68,16 +74,32 @@ impl Store {
 
     /// Write atomically (temp + rename). No fsync: the records guard against
     /// a killed plugin, and after a machine crash the pods' netns and the
-    /// nftables state they describe are gone too.
+    /// nftables state they describe are gone too. Sweeps abandoned temps
+    /// first: a single readdir on ADD, and nothing else would remove them
+    /// between GCs.
     pub fn save(&self, rec: &Record) -> CniResult<()> {
         fs::create_dir_all(&self.dir)
             .map_err(|e| io_error(format!("cannot create {}", self.dir.display()), e))?;
+        // The sweep; failing to list only leaves temps for the next one.
+        let _ = self.names();
         let path = self.path(&rec.container_id, &rec.ifname);
-        let tmp = self.dir.join(format!(".tmp.{}", std::process::id()));
         let body = serde_json::to_vec(rec).expect("record serializes");
-        fs::write(&tmp, body)
-            .and_then(|_| fs::rename(&tmp, &path))
-            .map_err(|e| io_error(format!("cannot write {}", path.display()), e))
+        let write = || {
+            let tmp = self.dir.join(temp_name(TEMP_PREFIX));
+            let written = fs::write(&tmp, &body).and_then(|_| fs::rename(&tmp, &path));
+            if written.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            written
+        };
+        // A sweep never takes a live writer's fresh temp, but a writer stopped
+        // for over a minute between write and rename is judged by age alone:
+        // write it once more. (A data dir removed under us fails again.)
+        match write() {
+            Err(e) if e.kind() == ErrorKind::NotFound => write(),
+            other => other,
+        }
+        .map_err(|e| io_error(format!("cannot write {}", path.display()), e))
     }
 
     pub fn load(&self, container_id: &str, ifname: &str) -> CniResult<Option<Record>> {
@@ -100,19 +122,37 @@ impl Store {
     }
 
     /// Every (containerID, ifname) with a record; missing dir means none.
+    /// Sweeps abandoned temps on the way (GC).
     pub fn list(&self) -> CniResult<Vec<(String, String)>> {
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_error(format!("cannot list {}", self.dir.display()), e)),
-        };
-        Ok(entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        Ok(self
+            .names()?
+            .into_iter()
             .filter_map(|n| {
                 let (id, ifname) = n.split_once(':')?;
                 Some((id.to_string(), ifname.to_string()))
             })
             .collect())
+    }
+
+    /// The directory's names but temps, sweeping those that are abandoned.
+    /// Records can never look like temps: container IDs start alphanumeric.
+    fn names(&self) -> CniResult<Vec<String>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error(format!("cannot list {}", self.dir.display()), e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            match name.strip_prefix(TEMP_PREFIX) {
+                Some(writer) => sweep_temp(&entry.path(), writer),
+                None => names.push(name),
+            }
+        }
+        Ok(names)
     }
 }
 
@@ -148,6 +188,69 @@ mod tests {
         store.remove("c1", "eth0").unwrap();
         store.remove("c1", "eth0").unwrap();
         assert_eq!(store.load("c1", "eth0").unwrap(), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A dead writer's fresh temp and a live writer's old one go, a live
+    /// writer's fresh one stays; GC (list) and ADD (save) both sweep.
+    #[test]
+    fn abandoned_temps_are_swept_by_list_and_save() {
+        use crate::ipam::store::testing::{dead_pid, write_aged};
+        use crate::ipam::store::writer_name;
+        use std::time::Duration;
+
+        let dir = std::env::temp_dir().join(format!("ferry-att-sweep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::new(&dir, "net");
+        let rec = |id: &str| Record {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            host_veth: host_veth_name("net", id, "eth0"),
+            ips: Vec::new(),
+            ip_masq: false,
+        };
+        store.save(&rec("c1")).unwrap();
+        let plant = |n: u64| {
+            let name = |pid, k| store.dir().join(writer_name(TEMP_PREFIX, pid, n + k));
+            let temps = [
+                name(dead_pid(), 0),
+                name(std::process::id(), 1),
+                name(std::process::id(), 2),
+            ];
+            write_aged(&temps[0], Duration::ZERO);
+            write_aged(&temps[1], Duration::from_secs(120));
+            write_aged(&temps[2], Duration::ZERO);
+            temps
+        };
+        let check = |temps: &[PathBuf; 3], after: &str| {
+            assert!(!temps[0].exists(), "{after}: dead writer's fresh temp kept");
+            assert!(!temps[1].exists(), "{after}: live writer's old temp kept");
+            assert!(
+                temps[2].exists(),
+                "{after}: live writer's fresh temp removed"
+            );
+            fs::remove_file(&temps[2]).unwrap();
+        };
+        // The name of older releases: no namespace, so judged by age.
+        let old_name = store.dir().join(format!(".tmp.{}", dead_pid()));
+        write_aged(&old_name, Duration::from_secs(120));
+
+        let temps = plant(1000);
+        assert_eq!(store.list().unwrap(), vec![("c1".into(), "eth0".into())]);
+        check(&temps, "list");
+        assert!(!old_name.exists());
+
+        let temps = plant(2000);
+        store.save(&rec("c2")).unwrap();
+        check(&temps, "save");
+
+        // Nothing but the records is left: save's own temps are renamed.
+        let mut names: Vec<String> = fs::read_dir(store.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["c1:eth0", "c2:eth0"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
