@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -585,4 +586,85 @@ fn gc_and_add_sweep_temps_of_dead_writers() {
     let temps = plant_temps(&net, 30);
     add(&c, &env("ADD", "b", "eth0", "")).unwrap();
     assert_swept(&temps, "repeated ADD");
+}
+
+/// After GC, every file in the lease directory is accounted for: the lock,
+/// a round-robin hint, a lease of a valid attachment, that lease's index
+/// entry, or a temp of a live writer; nothing of the attachments GC removed.
+#[test]
+fn after_gc_every_file_belongs_to_a_live_attachment() {
+    let d = TempDir::new("accounted");
+    let c = conf(
+        &d.0,
+        json!({"ranges": [[{"subnet": "10.9.0.0/24"}], [{"subnet": "fd00:9::/64"}]]}),
+        json!({}),
+    );
+    for (id, ifname) in [("a", "eth0"), ("a", "net1"), ("b", "eth0"), ("c", "eth0")] {
+        add(&c, &env("ADD", id, ifname, "")).unwrap();
+    }
+    let net = d.0.join("net1");
+    // What crashes and older plugins leave: an empty lease (content lost in
+    // a machine crash), old-format leases, an unindexed lease of a removed
+    // attachment, a stale index entry, temps of dead and live writers.
+    fs::write(net.join("10.9.0.40"), "").unwrap();
+    fs::write(net.join("10.9.0.41"), "b\n").unwrap();
+    fs::write(net.join("10.9.0.42"), "gone\n").unwrap();
+    fs::write(net.join("10.9.0.43"), "c\r\neth0").unwrap();
+    fs::hard_link(
+        net.join("10.9.0.2"),
+        net.join(".ferry-owner:x:eth0:10.9.0.2"),
+    )
+    .unwrap();
+    let temps = plant_temps(&net, 0);
+
+    let valid = json!({"cni.dev/valid-attachments": [
+        {"containerID": "a", "ifname": "eth0"}, {"containerID": "b", "ifname": "eth0"}]});
+    let valid_conf = conf(
+        &d.0,
+        json!({"ranges": [[{"subnet": "10.9.0.0/24"}], [{"subnet": "fd00:9::/64"}]]}),
+        valid,
+    );
+    gc(&valid_conf).unwrap();
+
+    let live = [Owner::new("a", "eth0"), Owner::new("b", "eth0")];
+    let store = Store::existing(&d.0, "net1").unwrap();
+    let mut leases = HashSet::new();
+    for entry in fs::read_dir(&net).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let path = net.join(&name);
+        if name == "lock" || name.starts_with("last_reserved_ip.") {
+            continue;
+        }
+        if let Ok(addr) = name.parse::<IpAddr>() {
+            let owner = store.read_lease(addr).unwrap().unwrap();
+            assert!(live.iter().any(|o| o.claims(&owner)), "{name}: {owner:?}");
+            leases.insert(name);
+        } else if let Some(rest) = name.strip_prefix(".ferry-owner:") {
+            let mut parts = rest.splitn(3, ':');
+            let (id, ifname, lease) = (parts.next(), parts.next(), parts.next().unwrap());
+            let owner = Owner::new(id.unwrap(), ifname.unwrap());
+            assert!(live.contains(&owner), "{name}");
+            // Another name of the lease it names, by an owner it names.
+            let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+            assert_eq!(ino(&path), ino(&net.join(lease)), "{name}");
+            assert_eq!(
+                store.read_lease(lease.parse().unwrap()).unwrap(),
+                Some(owner)
+            );
+        } else if name.starts_with(".ferry-tmp.") {
+            assert_eq!(path, temps[2], "only a live writer's fresh temp stays");
+        } else {
+            panic!("{name}: unaccounted for after GC");
+        }
+    }
+    assert_eq!(
+        leases,
+        HashSet::from([
+            "10.9.0.2".into(),
+            "fd00:9::2".into(),
+            "10.9.0.4".into(),
+            "fd00:9::4".into(),
+            "10.9.0.41".into(),
+        ])
+    );
 }
