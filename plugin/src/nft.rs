@@ -372,12 +372,13 @@ fn with_socket<T>(
 
 /// Hand this thread's nfnetlink socket to a child that outlives the
 /// process, so the kernel's flush on its close (an RCU grace period, 10-20
-/// ms here, whenever any delete is pending in nf_tables) is not paid by a
-/// plugin the runtime is waiting for. The child keeps only that socket and
-/// a pipe whose other end closes when we exit; it has no stdio, so a
-/// runtime reading our stdout to EOF does not wait for it either.
+/// ms here, whenever any delete is pending in nf_tables; every commit
+/// queues one) is not paid by a plugin the runtime is waiting for. The
+/// child keeps only that socket and a pipe whose other end closes when we
+/// exit; it has no stdio, so a runtime reading our stdout to EOF does not
+/// wait for it either.
 pub fn release_socket_in_background() {
-    use nix::unistd::{fork, pipe2, ForkResult};
+    use nix::unistd::pipe2;
     use std::os::fd::AsRawFd;
 
     let Some((_, nl)) = SOCKET.with_borrow_mut(Option::take) else {
@@ -386,34 +387,127 @@ pub fn release_socket_in_background() {
     let Ok((wait_end, hold_end)) = pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
         return; // closing `nl` here just pays the wait ourselves
     };
-    // SAFETY: the plugin is single-threaded; the child only makes raw
-    // syscalls and leaves with _exit.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
-            let keep = [nl.as_raw_fd(), wait_end.as_raw_fd()];
-            // SAFETY: plain syscalls on descriptors this process owns.
-            unsafe {
-                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-                for fd in 0..=2 {
-                    libc::dup2(null, fd);
+    if keeper::spawn(nl.as_raw_fd(), wait_end.as_raw_fd()) {
+        // Held open until we exit: that EOF releases the child.
+        std::mem::forget(hold_end);
+    }
+    drop(wait_end);
+    drop(nl);
+}
+
+/// The keeper child. Where raw syscalls are at hand it is cloned with
+/// CLONE_VM: no page tables to copy and no copy-on-write faults for us
+/// afterwards, and our exit leaves the address space to the keeper to
+/// free. That child shares our memory and TLS, so it runs on its own stack
+/// and makes only raw syscalls (no libc wrapper, which would write our
+/// errno). Elsewhere it is an ordinary fork.
+mod keeper {
+    use std::os::fd::RawFd;
+
+    /// Which descriptors the child keeps: the socket and the pipe's read end.
+    struct Keep {
+        sock: RawFd,
+        wait: RawFd,
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn sys3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the caller passes a syscall that takes three arguments.
+        unsafe {
+            core::arch::asm!("syscall", inlateout("rax") n as isize => ret,
+                in("rdi") a, in("rsi") b, in("rdx") c,
+                lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        ret
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn sys3(n: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        let ret: isize;
+        // SAFETY: the caller passes a syscall that takes three arguments.
+        unsafe {
+            core::arch::asm!("svc 0", in("x8") n, inlateout("x0") a as isize => ret,
+                in("x1") b, in("x2") c, options(nostack));
+        }
+        ret
+    }
+
+    /// Closes everything but `keep` (stdio too), waits for EOF on the pipe,
+    /// returns (the clone wrapper then exits this child).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the Keep the parent leaked for us; raw syscalls
+        // only, on descriptors this child owns; failures are harmless.
+        unsafe {
+            let keep = &*(arg as *const Keep);
+            let (lo, hi) = (keep.sock.min(keep.wait), keep.sock.max(keep.wait));
+            let (lo, hi) = (lo as usize, hi as usize);
+            if lo > 0 {
+                sys3(libc::SYS_close_range, 0, lo - 1, 0);
+            }
+            if hi > lo + 1 {
+                sys3(libc::SYS_close_range, lo + 1, hi - 1, 0);
+            }
+            sys3(libc::SYS_close_range, hi + 1, u32::MAX as usize, 0);
+            let mut byte = 0u8;
+            while sys3(
+                libc::SYS_read,
+                keep.wait as usize,
+                &mut byte as *mut u8 as usize,
+                1,
+            ) == -(libc::EINTR as isize)
+            {}
+        }
+        0
+    }
+
+    /// Starts the keeper; false when it could not (the caller then closes
+    /// the socket itself).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    pub fn spawn(sock: RawFd, wait: RawFd) -> bool {
+        const STACK: usize = 16 * 1024;
+        // Leaked: the child runs on them after we are gone.
+        let stack: &'static mut [u8] = Box::leak(vec![0u8; STACK].into_boxed_slice());
+        let keep: &'static mut Keep = Box::leak(Box::new(Keep { sock, wait }));
+        let top = stack.as_mut_ptr_range().end as usize & !15;
+        // SAFETY: `child` touches only its own stack and `keep`, both
+        // leaked, and makes raw syscalls; no CLONE_FILES, so its descriptor
+        // table is its own copy.
+        let pid = unsafe {
+            libc::clone(
+                child,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::SIGCHLD,
+                (keep as *mut Keep).cast(),
+            )
+        };
+        pid > 0
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    pub fn spawn(sock: RawFd, wait: RawFd) -> bool {
+        use nix::unistd::{fork, ForkResult};
+        // SAFETY: the plugin is single-threaded; the child only makes
+        // syscalls and leaves with _exit.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => unsafe {
+                let (lo, hi) = (sock.min(wait), sock.max(wait));
+                if lo > 0 {
+                    libc::close_range(0, (lo - 1) as u32, 0);
                 }
-                let (lo, hi) = (keep[0].min(keep[1]), keep[0].max(keep[1]));
-                libc::close_range(3, (lo - 1) as u32, 0);
-                libc::close_range((lo + 1) as u32, (hi - 1) as u32, 0);
+                if hi > lo + 1 {
+                    libc::close_range((lo + 1) as u32, (hi - 1) as u32, 0);
+                }
                 libc::close_range((hi + 1) as u32, u32::MAX, 0);
                 let mut byte = 0u8;
-                libc::read(wait_end.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
+                libc::read(wait, (&mut byte as *mut u8).cast(), 1);
                 libc::_exit(0)
-            }
+            },
+            Ok(ForkResult::Parent { .. }) => true,
+            Err(_) => false,
         }
-        Ok(ForkResult::Parent { .. }) => {
-            // Held open until we exit: that EOF releases the child.
-            std::mem::forget(hold_end);
-            drop(wait_end);
-        }
-        Err(_) => {}
     }
-    drop(nl);
 }
 
 /// Exclusive lock for the current network namespace, held until dropped.
