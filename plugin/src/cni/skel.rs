@@ -10,6 +10,7 @@ use super::version::{version_json, LATEST};
 /// Run a plugin. `about` is printed for humans who run the binary by hand
 /// (no CNI_COMMAND); `run` returns what goes to stdout on success.
 pub fn main(about: &str, run: fn(&CniEnv, &[u8]) -> CniResult<Option<String>>) -> ! {
+    init_process();
     if std::env::var_os("CNI_COMMAND").is_none() {
         println!("{about}");
         std::process::exit(0);
@@ -37,6 +38,32 @@ pub fn main(about: &str, run: fn(&CniEnv, &[u8]) -> CniResult<Option<String>>) -
             let _ = writeln!(out, "{}", e.to_json(&asked));
             std::process::exit(1)
         }
+    }
+}
+
+/// What std's runtime does before `main` and a plugin relies on, for
+/// binaries that skip it (`#![no_main]`); harmless when it already ran.
+/// Closed standard descriptors are reopened on /dev/null, so that no socket
+/// or file of ours becomes stdout; SIGPIPE is ignored, so that a runtime
+/// closing our stdout early gets an exit code rather than a signal death.
+fn init_process() {
+    // SAFETY: poll on a local array; open/signal have no memory effects.
+    unsafe {
+        let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        });
+        if libc::poll(fds.as_mut_ptr(), 3, 0) != -1 {
+            for p in fds {
+                if p.revents & libc::POLLNVAL != 0
+                    && libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) == -1
+                {
+                    libc::abort();
+                }
+            }
+        }
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }
 
