@@ -316,19 +316,7 @@ fn traffic_is_masqueraded() {
         (&peer, "fthq", "10.22.1.1/24", "10.22.1.5/24"),
         (&out, "fthout", "192.168.50.1/24", "192.168.50.2/24"),
     ] {
-        host.ok(&[
-            "ip",
-            "link",
-            "add",
-            hostdev,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        host.veth_to(hostdev, ns);
         host.ok(&["ip", "addr", "add", hostaddr, "dev", hostdev]);
         host.ok(&["ip", "link", "set", hostdev, "up"]);
         ns.ok(&["ip", "addr", "add", addr, "dev", "eth0"]);

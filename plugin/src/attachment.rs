@@ -195,8 +195,7 @@ mod tests {
     /// writer's fresh one stays; GC (list) and ADD (save) both sweep.
     #[test]
     fn abandoned_temps_are_swept_by_list_and_save() {
-        use crate::ipam::store::testing::{dead_pid, write_aged};
-        use crate::ipam::store::writer_name;
+        use crate::ipam::store::testing::{assert_swept, dead_pid, plant_temps, write_aged};
         use std::time::Duration;
 
         let dir = std::env::temp_dir().join(format!("ferry-att-sweep-{}", std::process::id()));
@@ -210,25 +209,9 @@ mod tests {
             ip_masq: false,
         };
         store.save(&rec("c1")).unwrap();
-        let plant = |n: u64| {
-            let name = |pid, k| store.dir().join(writer_name(TEMP_PREFIX, pid, n + k));
-            let temps = [
-                name(dead_pid(), 0),
-                name(std::process::id(), 1),
-                name(std::process::id(), 2),
-            ];
-            write_aged(&temps[0], Duration::ZERO);
-            write_aged(&temps[1], Duration::from_secs(120));
-            write_aged(&temps[2], Duration::ZERO);
-            temps
-        };
+        let plant = |n| plant_temps(store.dir(), TEMP_PREFIX, n);
         let check = |temps: &[PathBuf; 3], after: &str| {
-            assert!(!temps[0].exists(), "{after}: dead writer's fresh temp kept");
-            assert!(!temps[1].exists(), "{after}: live writer's old temp kept");
-            assert!(
-                temps[2].exists(),
-                "{after}: live writer's fresh temp removed"
-            );
+            assert_swept(temps, after);
             fs::remove_file(&temps[2]).unwrap();
         };
         // The name of older releases: no namespace, so judged by age.

@@ -274,19 +274,7 @@ impl Cluster {
         let i = self.nodes.len();
         let ns = Netns::new();
         let peer = format!("v{i}");
-        self.underlay.ok(&[
-            "ip",
-            "link",
-            "add",
-            &peer,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        self.underlay.veth_to(&peer, &ns);
         self.underlay
             .ok(&["ip", "link", "set", &peer, "master", "br0", "up"]);
         let ip = format!("{UNDERLAY_PREFIX}.{}", 11 + i);

@@ -323,6 +323,23 @@ impl Netns {
             .collect()
     }
 
+    /// A veth pair: `dev` here, its peer `eth0` inside `other`.
+    pub fn veth_to(&self, dev: &str, other: &Netns) {
+        self.ok(&[
+            "ip",
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            other.name(),
+        ]);
+    }
+
     /// Runs `f` on a fresh thread that has entered this namespace (to call
     /// ferry's library in-process; the caller's thread never moves).
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

@@ -426,6 +426,16 @@ mod tests {
         assert_eq!(subnets.len(), 16);
     }
 
+    /// Shortens the lease of `subnet`'s record so that the next renew writes;
+    /// returns the record's path.
+    fn make_due(s: &FileStore, subnet: Ipv4Network) -> PathBuf {
+        let path = s.inner.path_of(subnet);
+        let mut e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        e.expires_ms = now_ms() + 1000;
+        s.inner.write(&e).unwrap();
+        path
+    }
+
     #[test]
     fn renew_extends_and_detects_loss() {
         let d = TempDir::new("fs4");
@@ -434,10 +444,7 @@ mod tests {
             .inner
             .register(&reg("a", Duration::from_secs(10)))
             .unwrap();
-        let path = s.inner.path_of(a.subnet);
-        let mut e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        e.expires_ms = now_ms() + 1000;
-        s.inner.write(&e).unwrap();
+        let path = make_due(&s, a.subnet);
         s.inner.renew().unwrap();
         let e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert!(e.expires_ms > now_ms() + 9000);
@@ -457,11 +464,7 @@ mod tests {
             .inner
             .register(&reg("a", Duration::from_secs(10)))
             .unwrap();
-        let path = s.inner.path_of(a.subnet);
-        // Make the lease due for renewal, so that renew writes.
-        let mut e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        e.expires_ms = now_ms() + 1000;
-        s.inner.write(&e).unwrap();
+        let path = make_due(&s, a.subnet);
         let res = s.inner.renew_with(|| other.inner.leave("a").unwrap());
         let e: Entry = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert!(e.record.left, "renew undid the leave: {e:?}");

@@ -510,7 +510,7 @@ fn own_pid_ns() -> Option<u64> {
 #[cfg(test)]
 pub(crate) mod testing {
     use std::fs::File;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::time::{Duration, SystemTime};
 
     /// The pid of a process that has exited and been reaped: dead, until the
@@ -520,6 +520,32 @@ pub(crate) mod testing {
         let pid = child.id();
         child.wait().unwrap();
         pid
+    }
+
+    /// The three kinds of temp a sweep meets, named with `prefix` in `dir`:
+    /// (dead writer, fresh), (live writer, old), (live writer, fresh). The
+    /// first two must go; `n` keeps the names of several plantings apart.
+    pub fn plant_temps(dir: &Path, prefix: &str, n: u64) -> [PathBuf; 3] {
+        let name = |pid, k| dir.join(super::writer_name(prefix, pid, n + k));
+        let temps = [
+            name(dead_pid(), 0),
+            name(std::process::id(), 1),
+            name(std::process::id(), 2),
+        ];
+        write_aged(&temps[0], Duration::ZERO);
+        write_aged(&temps[1], Duration::from_secs(120));
+        write_aged(&temps[2], Duration::ZERO);
+        temps
+    }
+
+    /// What a sweep must have done to [`plant_temps`]' files.
+    pub fn assert_swept(temps: &[PathBuf; 3], after: &str) {
+        assert!(!temps[0].exists(), "{after}: dead writer's fresh temp kept");
+        assert!(!temps[1].exists(), "{after}: live writer's old temp kept");
+        assert!(
+            temps[2].exists(),
+            "{after}: live writer's fresh temp removed"
+        );
     }
 
     /// Write a file last modified `age` ago.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::store::testing::{dead_pid, write_aged};
+use super::store::testing::{assert_swept, plant_temps, write_aged};
 use super::*;
 
 /// A fresh directory, removed when dropped.
@@ -537,30 +537,6 @@ fn the_index_is_only_a_hint() {
     );
 }
 
-/// The three kinds of temp a sweep meets, in `net`: (dead writer, fresh),
-/// (live writer, old), (live writer, fresh). The first two must go.
-fn plant_temps(net: &Path, n: u64) -> [PathBuf; 3] {
-    let name = |pid, k| net.join(store::writer_name(".ferry-tmp.", pid, 1_000_000 + n + k));
-    let temps = [
-        name(dead_pid(), 0),
-        name(std::process::id(), 1),
-        name(std::process::id(), 2),
-    ];
-    write_aged(&temps[0], Duration::ZERO);
-    write_aged(&temps[1], Duration::from_secs(120));
-    write_aged(&temps[2], Duration::ZERO);
-    temps
-}
-
-fn assert_swept(temps: &[PathBuf; 3], after: &str) {
-    assert!(!temps[0].exists(), "{after}: dead writer's fresh temp kept");
-    assert!(!temps[1].exists(), "{after}: live writer's old temp kept");
-    assert!(
-        temps[2].exists(),
-        "{after}: live writer's fresh temp removed"
-    );
-}
-
 #[test]
 fn gc_and_add_sweep_temps_of_dead_writers() {
     let d = TempDir::new("sweep");
@@ -568,22 +544,22 @@ fn gc_and_add_sweep_temps_of_dead_writers() {
     add(&c, &env("ADD", "a", "eth0", "")).unwrap();
     let net = d.0.join("net1");
 
-    let temps = plant_temps(&net, 0);
+    let temps = plant_temps(&net, ".ferry-tmp.", 1_000_000);
     let valid = json!({"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]});
     gc(&conf(&d.0, json!({"subnet": "10.9.0.0/24"}), valid)).unwrap();
     assert_swept(&temps, "GC");
     assert_eq!(lease_files(&d.0), HashSet::from(["10.9.0.2".into()]));
 
     // A GC without the list releases no lease, but temps are nobody's.
-    let temps = plant_temps(&net, 10);
+    let temps = plant_temps(&net, ".ferry-tmp.", 1_000_010);
     gc(&c).unwrap();
     assert_swept(&temps, "GC without a list");
 
-    let temps = plant_temps(&net, 20);
+    let temps = plant_temps(&net, ".ferry-tmp.", 1_000_020);
     add(&c, &env("ADD", "b", "eth0", "")).unwrap();
     assert_swept(&temps, "ADD");
     // A repeated ADD (nothing to write) lists the directory too.
-    let temps = plant_temps(&net, 30);
+    let temps = plant_temps(&net, ".ferry-tmp.", 1_000_030);
     add(&c, &env("ADD", "b", "eth0", "")).unwrap();
     assert_swept(&temps, "repeated ADD");
 }
@@ -615,7 +591,7 @@ fn after_gc_every_file_belongs_to_a_live_attachment() {
         net.join(".ferry-owner:x:eth0:10.9.0.2"),
     )
     .unwrap();
-    let temps = plant_temps(&net, 0);
+    let temps = plant_temps(&net, ".ferry-tmp.", 1_000_000);
 
     let valid = json!({"cni.dev/valid-attachments": [
         {"containerID": "a", "ifname": "eth0"}, {"containerID": "b", "ifname": "eth0"}]});
