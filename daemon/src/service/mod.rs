@@ -7,5 +7,18 @@
 //! - [`alloc`]: ClusterIP and NodePort allocation against what the store
 //!   already holds — pure.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
 pub mod alloc;
 pub mod model;
+
+/// Everything a source knows about load balancing, as the Services
+/// reconciler consumes it. Keys are `"<namespace>/<name>"` ([`model::key`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub services: BTreeMap<String, Service>,
+    pub slices: BTreeMap<String, EndpointSlice>,
+}
