@@ -29,7 +29,6 @@
 //! read-modify-write sequences; each write is one atomic kernel transaction.
 
 mod msg;
-mod sock;
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -42,8 +41,9 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 pub use msg::{net_chain_name, MAX_KEY_LEN, TABLE};
-use msg::{Elem, Req, BASE_CHAIN, MAP4, MAP6, NET_CHAIN_PREFIX, OWN_PREFIX};
-use sock::Nfnl;
+use msg::{Elem, BASE_CHAIN, MAP4, MAP6, NET_CHAIN_PREFIX, OWN_PREFIX};
+pub use nfnl::NftError;
+use nfnl::{Nfnl, Req};
 
 /// One pod IP to masquerade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,34 +56,6 @@ pub struct MasqEntry<'a> {
     pub ip: IpAddr,
     /// The subnet of `ip`; traffic to it is not masqueraded.
     pub subnet: IpNetwork,
-}
-
-#[derive(thiserror::Error, Debug)]
-pub enum NftError {
-    #[error("invalid masquerade entry: {0}")]
-    InvalidEntry(String),
-    /// Opening or locking the thread's network namespace file.
-    #[error("network namespace file: {0}")]
-    Netns(#[source] std::io::Error),
-    #[error("netfilter netlink socket: {0}")]
-    Socket(#[source] std::io::Error),
-    /// The kernel refused a request; `errno` is what it said (ENOENT,
-    /// EEXIST, EBUSY, EPERM...).
-    #[error("nftables: {what}: {errno}")]
-    Kernel { what: String, errno: Errno },
-    #[error("decoding a netfilter netlink reply: {0}")]
-    Decode(String),
-}
-
-impl NftError {
-    /// The errno behind the error, if there is one.
-    pub fn errno(&self) -> Option<Errno> {
-        match self {
-            NftError::Kernel { errno, .. } => Some(*errno),
-            NftError::Netns(e) | NftError::Socket(e) => e.raw_os_error().map(Errno::from_raw),
-            _ => None,
-        }
-    }
 }
 
 /// Masquerades the entries' traffic. Idempotent: an element already present

@@ -12,8 +12,7 @@ use netlink_packet_netfilter::{
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use nix::errno::Errno;
 
-use super::msg::{RawMsg, Req};
-use super::NftError;
+use crate::{NftError, RawMsg, Req};
 
 /// Netlink messages are 4-byte aligned.
 fn align4(n: usize) -> usize {
@@ -28,6 +27,8 @@ pub struct Nfnl {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Socket buffer size last asked for ([`Nfnl::fit_buffers`]).
+    buf_size: usize,
 }
 
 impl std::os::fd::AsRawFd for Nfnl {
@@ -48,6 +49,7 @@ impl Nfnl {
             sock,
             seq: 0,
             buf: Vec::with_capacity(RECV_BUF),
+            buf_size: 0,
         })
     }
 
@@ -87,6 +89,11 @@ impl Nfnl {
 
     /// Sends `reqs` as one transaction: all apply or none does. On failure
     /// returns the error of the first failing request, in request order.
+    ///
+    /// Only the last request asks for an ACK: the kernel reports every
+    /// failing request anyway, and answers in request order once the batch
+    /// is done, so the last answer ends the exchange. An ACK per request
+    /// would make a batch of thousands overflow the receive buffer (ENOBUFS).
     pub fn batch(&mut self, reqs: &[Req]) -> Result<(), NftError> {
         if reqs.is_empty() {
             return Ok(());
@@ -101,28 +108,28 @@ impl Nfnl {
             NLM_F_REQUEST,
         );
         let first = begin.wrapping_add(1);
-        for r in reqs {
+        for (i, r) in reqs.iter().enumerate() {
+            let ack = if i + 1 == reqs.len() { NLM_F_ACK } else { 0 };
             self.push(
                 &mut out,
                 r.msg.clone().into(),
                 0,
-                NLM_F_REQUEST | NLM_F_ACK | r.flags,
+                NLM_F_REQUEST | ack | r.flags,
             );
         }
+        let last = first.wrapping_add(reqs.len() as u32 - 1);
         let end = self.push(
             &mut out,
             ControlMessage::BatchEnd.into(),
             res_id,
             NLM_F_REQUEST,
         );
+        self.fit_buffers(out.len());
         self.sock.send(&out, 0).map_err(NftError::Socket)?;
 
-        // The kernel processes every message even after one fails (to report
-        // all errors) and answers each ACK-flagged one: ack or error.
-        let mut answered = vec![false; reqs.len()];
-        let mut pending = reqs.len();
         let mut first_err: Option<(usize, Errno)> = None;
-        while pending > 0 {
+        let mut done = false;
+        while !done {
             self.recv(|seq, reply| {
                 let Reply::Status(code) = reply else {
                     return Ok(false);
@@ -137,16 +144,15 @@ impl Nfnl {
                     });
                 }
                 let i = seq.wrapping_sub(first) as usize;
-                if i < reqs.len() && !answered[i] {
-                    answered[i] = true;
-                    pending -= 1;
+                if i < reqs.len() {
                     if let Some(errno) = code {
                         if first_err.is_none_or(|(j, _)| i < j) {
                             first_err = Some((i, errno));
                         }
                     }
                 }
-                Ok(pending == 0)
+                done = seq == last;
+                Ok(done)
             })?;
         }
         match first_err {
@@ -156,6 +162,41 @@ impl Nfnl {
                 errno,
             }),
         }
+    }
+
+    /// Grows the socket's buffers for a batch of `len` bytes: the kernel
+    /// refuses a datagram larger than the send buffer (EMSGSIZE), and a
+    /// batch that fails in many places answers with as many errors. The
+    /// FORCE variants pass the sysctl caps (we hold CAP_NET_ADMIN, or
+    /// nothing here works); plain sizes are the fallback.
+    fn fit_buffers(&mut self, len: usize) {
+        let want = len + 64 * 1024;
+        if want <= self.buf_size {
+            return;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.sock);
+        let size = want.min(i32::MAX as usize) as libc::c_int;
+        for (force, plain) in [
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        ] {
+            for opt in [force, plain] {
+                // SAFETY: a valid fd and a pointer to a c_int of the given size.
+                let r = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&size as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if r == 0 {
+                    break;
+                }
+            }
+        }
+        self.buf_size = want;
     }
 
     /// One request outside a batch: a GET (the reply object) or a dump (all
@@ -241,9 +282,7 @@ impl Nfnl {
                 "netlink datagram of {n} bytes truncated"
             )));
         }
-        // Replies are parsed by hand: netlink-packet-netfilter's parsers
-        // format the whole remaining buffer into an error context for every
-        // attribute, which makes a 100-element dump take tens of ms.
+        // Replies are parsed by hand (see `reply`).
         let mut rest = &self.buf[..];
         while rest.len() >= NLMSG_HDRLEN {
             let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
