@@ -5,7 +5,10 @@
 //! - [`model`]: parsing user documents (YAML/JSON, multi-document, `v1 List`)
 //!   into k8s-openapi objects, and validating them — pure;
 //! - [`alloc`]: ClusterIP and NodePort allocation against what the store
-//!   already holds — pure.
+//!   already holds — pure;
+//! - [`plan`]: which endpoints serve which traffic on this node — pure;
+//! - [`render`]: the nftables ruleset as data, and its diff — pure;
+//! - [`datapath`]: that ruleset in the kernel, over netlink.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +17,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub mod alloc;
 pub mod model;
+pub mod plan;
+pub mod render;
 
 /// Everything a source knows about load balancing, as the Services
 /// reconciler consumes it. Keys are `"<namespace>/<name>"` ([`model::key`]).
@@ -21,4 +26,19 @@ pub mod model;
 pub struct Snapshot {
     pub services: BTreeMap<String, Service>,
     pub slices: BTreeMap<String, EndpointSlice>,
+}
+
+impl Snapshot {
+    /// Adds (or replaces) `obj` under its `namespace/name`.
+    pub fn insert(&mut self, obj: model::Object) {
+        let key = obj.key();
+        match obj {
+            model::Object::Service(s) => {
+                self.services.insert(key, *s);
+            }
+            model::Object::EndpointSlice(e) => {
+                self.slices.insert(key, *e);
+            }
+        }
+    }
 }

@@ -1,0 +1,541 @@
+//! The Services ruleset as data: [`render`] turns a [`Plan`] into the
+//! chains and elements the kernel should hold, [`diff`] compares that with
+//! what was last written (or what a dump of the kernel shows). Pure; the
+//! encoding into nf_tables requests is in `datapath`.
+//!
+//! Layout (table `inet ferry-svc`; kube-proxy's nftables design, with maps
+//! instead of a chain per endpoint so that 10k Services load in one short
+//! transaction):
+//!
+//! ```text
+//! map service-ips           { ipv4_addr . inet_proto . inet_service : verdict }  # ClusterIP, externalIP, LB IP
+//! map service-nodeports     { inet_proto . inet_service : verdict }              # on the node's own addresses
+//! map no-endpoint-services  { ipv4_addr . inet_proto . inet_service : verdict }  # -> goto reject
+//! map no-endpoint-nodeports { inet_proto . inet_service : verdict }
+//! set cluster-ips           { ipv4_addr }            # any other port of a ClusterIP is rejected
+//! set hairpin               { ipv4_addr . ipv4_addr } # (endpoint, endpoint) of local endpoints
+//! chain svc-<hash>  { dnat to numgen random mod N map { 0 : ep0 . port, ... } }   # internal traffic
+//! chain ext-<hash>  { [ct mark set ct mark | 0x4000]; dnat ... }                  # external traffic
+//! set aff-<hash>-<timeout> { ipv4_addr : ipv4_addr . inet_service; timeout }     # ClientIP affinity
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use super::plan::{Ep, Plan, PortPlan, Targets};
+
+/// The named maps and sets of the skeleton.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MapName {
+    ServiceIps,
+    NodePorts,
+    NoEndpointIps,
+    NoEndpointPorts,
+    ClusterIps,
+    Hairpin,
+}
+
+impl MapName {
+    pub const ALL: [MapName; 6] = [
+        MapName::ServiceIps,
+        MapName::NodePorts,
+        MapName::NoEndpointIps,
+        MapName::NoEndpointPorts,
+        MapName::ClusterIps,
+        MapName::Hairpin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MapName::ServiceIps => "service-ips",
+            MapName::NodePorts => "service-nodeports",
+            MapName::NoEndpointIps => "no-endpoint-services",
+            MapName::NoEndpointPorts => "no-endpoint-nodeports",
+            MapName::ClusterIps => "cluster-ips",
+            MapName::Hairpin => "hairpin",
+        }
+    }
+}
+
+/// What an element maps to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Goto(String),
+    Drop,
+    /// A plain set's element.
+    Member,
+}
+
+/// The chain that refuses connections at once (TCP RST, ICMP port
+/// unreachable).
+pub const REJECT_CHAIN: &str = "reject";
+pub const SVC_PREFIX: &str = "svc-";
+pub const EXT_PREFIX: &str = "ext-";
+pub const AFFINITY_PREFIX: &str = "aff-";
+
+/// One rule of a Service chain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// Mark the connection for masquerade on its way out (external traffic
+    /// under `externalTrafficPolicy: Cluster`; the reply must come back
+    /// through this node).
+    MarkMasquerade,
+    /// DNAT to one of `eps`, each with the same chance; with an affinity
+    /// set, a client already in it goes to its endpoint again.
+    Dnat {
+        eps: Vec<Ep>,
+        affinity: Option<String>,
+    },
+}
+
+/// The whole desired state below the fixed skeleton.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub chains: BTreeMap<String, Vec<Rule>>,
+    pub elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Target>>,
+    /// Affinity sets by name, with their timeout in seconds.
+    pub affinity: BTreeMap<String, u32>,
+}
+
+/// What the kernel holds (or was last given), as far as a diff needs it:
+/// chains by the fingerprint of their rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    pub chains: BTreeMap<String, u64>,
+    pub elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Target>>,
+    pub affinity: BTreeSet<String>,
+}
+
+/// A chain's fingerprint, stored with its last rule (rule userdata) so that
+/// a dump tells whether the chain is what we would write.
+pub fn fingerprint(rules: &[Rule]) -> u64 {
+    nft::fnv1a64(format!("v1 {rules:?}").as_bytes())
+}
+
+impl Ruleset {
+    pub fn written(&self) -> Written {
+        Written {
+            chains: self
+                .chains
+                .iter()
+                .map(|(n, r)| (n.clone(), fingerprint(r)))
+                .collect(),
+            elems: self.elems.clone(),
+            affinity: self.affinity.keys().cloned().collect(),
+        }
+    }
+
+    fn put(&mut self, map: MapName, key: Vec<u8>, t: Target) {
+        self.elems.entry(map).or_default().insert(key, t);
+    }
+}
+
+// ---- keys -------------------------------------------------------------------
+
+/// `ipv4_addr . inet_proto . inet_service`: each field padded to 4 bytes.
+pub fn ip_proto_port(ip: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
+    let mut k = ip.octets().to_vec();
+    k.extend([proto, 0, 0, 0]);
+    k.extend(port.to_be_bytes());
+    k.extend([0, 0]);
+    k
+}
+
+/// `inet_proto . inet_service`.
+pub fn proto_port(proto: u8, port: u16) -> Vec<u8> {
+    let mut k = vec![proto, 0, 0, 0];
+    k.extend(port.to_be_bytes());
+    k.extend([0, 0]);
+    k
+}
+
+/// `ipv4_addr . inet_service`: a DNAT target as map data.
+pub fn ep_data(ep: Ep) -> Vec<u8> {
+    let mut d = ep.ip.octets().to_vec();
+    d.extend(ep.port.to_be_bytes());
+    d.extend([0, 0]);
+    d
+}
+
+pub fn ep_from_data(d: &[u8]) -> Option<Ep> {
+    let ip: [u8; 4] = d.get(0..4)?.try_into().ok()?;
+    let port: [u8; 2] = d.get(4..6)?.try_into().ok()?;
+    Some(Ep {
+        ip: ip.into(),
+        port: u16::from_be_bytes(port),
+    })
+}
+
+fn hash_of(id: &str) -> String {
+    format!("{:016x}", nft::fnv1a64(id.as_bytes()))
+}
+
+// ---- render -----------------------------------------------------------------
+
+/// The ruleset for `plan`.
+pub fn render(plan: &Plan) -> Ruleset {
+    let mut rs = Ruleset::default();
+    for p in &plan.ports {
+        render_port(p, &mut rs);
+    }
+    rs
+}
+
+fn render_port(p: &PortPlan, rs: &mut Ruleset) {
+    let h = hash_of(&p.id);
+    // Each kind of traffic: where its elements point.
+    let path = |rs: &mut Ruleset, chain: String, targets: &Targets, masq: bool| match targets {
+        Targets::Endpoints(eps) => {
+            let affinity = p.affinity.map(|t| {
+                let name = format!("{AFFINITY_PREFIX}{}-{t}", &chain[..3]);
+                let name = format!("{name}-{h}");
+                rs.affinity.insert(name.clone(), t);
+                name
+            });
+            let mut rules = Vec::new();
+            if masq {
+                rules.push(Rule::MarkMasquerade);
+            }
+            rules.push(Rule::Dnat {
+                eps: eps.clone(),
+                affinity,
+            });
+            rs.chains.insert(chain.clone(), rules);
+            Some(Target::Goto(chain))
+        }
+        Targets::Drop => Some(Target::Drop),
+        Targets::Reject => None,
+    };
+    let internal = path(rs, format!("{SVC_PREFIX}{h}"), &p.internal, false);
+    let has_external = !p.external_ips.is_empty() || p.node_port.is_some();
+    let external = if has_external {
+        path(
+            rs,
+            format!("{EXT_PREFIX}{h}"),
+            &p.external,
+            !p.external_local,
+        )
+    } else {
+        None
+    };
+    let reject = Target::Goto(REJECT_CHAIN.into());
+    for ip in &p.cluster_ips {
+        rs.put(MapName::ClusterIps, ip.octets().to_vec(), Target::Member);
+        let key = ip_proto_port(*ip, p.proto, p.port);
+        match &internal {
+            Some(t) => rs.put(MapName::ServiceIps, key, t.clone()),
+            None => rs.put(MapName::NoEndpointIps, key, reject.clone()),
+        }
+    }
+    if has_external {
+        for ip in &p.external_ips {
+            let key = ip_proto_port(*ip, p.proto, p.port);
+            match &external {
+                Some(t) => rs.put(MapName::ServiceIps, key, t.clone()),
+                None => rs.put(MapName::NoEndpointIps, key, reject.clone()),
+            }
+        }
+        if let Some(np) = p.node_port {
+            let key = proto_port(p.proto, np);
+            match &external {
+                Some(t) => rs.put(MapName::NodePorts, key, t.clone()),
+                None => rs.put(MapName::NoEndpointPorts, key, reject.clone()),
+            }
+        }
+    }
+    for ep in &p.local {
+        let mut k = ep.ip.octets().to_vec();
+        k.extend(ep.ip.octets());
+        rs.put(MapName::Hairpin, k, Target::Member);
+    }
+}
+
+// ---- diff -------------------------------------------------------------------
+
+/// What one sync changes, in the order the transaction applies it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub add_affinity: Vec<String>,
+    /// Chains created or rewritten (flushed, then their rules added).
+    pub write_chains: Vec<String>,
+    pub del_elems: BTreeMap<MapName, Vec<Vec<u8>>>,
+    pub add_elems: BTreeMap<MapName, Vec<(Vec<u8>, Target)>>,
+    pub del_chains: Vec<String>,
+    pub del_affinity: Vec<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+
+    /// Element changes (adds plus deletes), for metrics.
+    pub fn elements(&self) -> usize {
+        self.del_elems.values().map(Vec::len).sum::<usize>()
+            + self.add_elems.values().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// From `old` to `new`: chains whose fingerprint differs are rewritten,
+/// elements whose target differs are deleted and added again, and what
+/// `new` does not have goes.
+pub fn diff(old: &Written, new: &Ruleset) -> Changes {
+    let mut c = Changes::default();
+    for (name, rules) in &new.chains {
+        if old.chains.get(name) != Some(&fingerprint(rules)) {
+            c.write_chains.push(name.clone());
+        }
+    }
+    c.del_chains = old
+        .chains
+        .keys()
+        .filter(|n| !new.chains.contains_key(*n))
+        .cloned()
+        .collect();
+    c.add_affinity = new
+        .affinity
+        .keys()
+        .filter(|n| !old.affinity.contains(*n))
+        .cloned()
+        .collect();
+    c.del_affinity = old
+        .affinity
+        .iter()
+        .filter(|n| !new.affinity.contains_key(*n))
+        .cloned()
+        .collect();
+    let empty = BTreeMap::new();
+    for map in MapName::ALL {
+        let (o, n) = (
+            old.elems.get(&map).unwrap_or(&empty),
+            new.elems.get(&map).unwrap_or(&empty),
+        );
+        let dels: Vec<Vec<u8>> = o
+            .iter()
+            .filter(|(k, t)| n.get(*k) != Some(*t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let adds: Vec<(Vec<u8>, Target)> = n
+            .iter()
+            .filter(|(k, t)| o.get(*k) != Some(*t))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        if !dels.is_empty() {
+            c.del_elems.insert(map, dels);
+        }
+        if !adds.is_empty() {
+            c.add_elems.insert(map, adds);
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::plan::{plan, Ep};
+    use crate::service::Snapshot;
+
+    fn ep(s: &str, port: u16) -> Ep {
+        Ep {
+            ip: s.parse().unwrap(),
+            port,
+        }
+    }
+
+    fn port(id: &str, internal: Targets, external: Targets) -> PortPlan {
+        PortPlan {
+            id: id.into(),
+            proto: 6,
+            port: 80,
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            external_ips: vec![],
+            node_port: Some(30080),
+            affinity: None,
+            internal,
+            external,
+            external_local: false,
+            local: vec![ep("10.244.1.5", 8080)],
+        }
+    }
+
+    fn key_text(map: MapName, k: &[u8]) -> String {
+        let ip = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string();
+        let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]).to_string();
+        match map {
+            MapName::ServiceIps | MapName::NoEndpointIps => {
+                format!("{} . {} . {}", ip(&k[0..4]), k[4], port(&k[8..10]))
+            }
+            MapName::NodePorts | MapName::NoEndpointPorts => {
+                format!("{} . {}", k[0], port(&k[4..6]))
+            }
+            MapName::ClusterIps => ip(k),
+            MapName::Hairpin => format!("{} . {}", ip(&k[0..4]), ip(&k[4..8])),
+        }
+    }
+
+    /// A readable listing of a ruleset, for golden comparisons.
+    fn listing(rs: &Ruleset) -> String {
+        let mut out = String::new();
+        for (name, rules) in &rs.chains {
+            out += &format!("chain {name}\n");
+            for r in rules {
+                out += &format!("  {r:?}\n");
+            }
+        }
+        for (map, elems) in &rs.elems {
+            out += &format!("{}\n", map.name());
+            for (k, t) in elems {
+                out += &format!("  {} -> {t:?}\n", key_text(*map, k));
+            }
+        }
+        for (name, t) in &rs.affinity {
+            out += &format!("affinity {name} timeout {t}s\n");
+        }
+        out
+    }
+
+    #[test]
+    fn golden_render() {
+        let yaml = include_str!("../testdata/services.yaml");
+        let mut snap = Snapshot::default();
+        for o in crate::service::model::parse(yaml).unwrap() {
+            match o {
+                crate::service::model::Object::Service(s) => {
+                    let k = crate::service::model::key(
+                        s.metadata.namespace.as_deref(),
+                        s.metadata.name.as_deref().unwrap(),
+                    );
+                    snap.services.insert(k, *s);
+                }
+                crate::service::model::Object::EndpointSlice(s) => {
+                    let k = crate::service::model::key(
+                        s.metadata.namespace.as_deref(),
+                        s.metadata.name.as_deref().unwrap(),
+                    );
+                    snap.slices.insert(k, *s);
+                }
+            }
+        }
+        let got = listing(&render(&plan(&snap, "node1")));
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/services.golden");
+        if std::env::var_os("FERRY_BLESS").is_some() {
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            got, want,
+            "render changed; FERRY_BLESS=1 rewrites the golden file"
+        );
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_drop_stays_in_nat() {
+        let rs = render(&Plan {
+            ports: vec![port("a", Targets::Reject, Targets::Reject)],
+            health_checks: vec![],
+        });
+        assert!(rs.chains.is_empty());
+        assert_eq!(rs.elems[&MapName::NoEndpointIps].len(), 1);
+        assert_eq!(rs.elems[&MapName::NoEndpointPorts].len(), 1);
+        assert!(!rs.elems.contains_key(&MapName::ServiceIps));
+        let rs = render(&Plan {
+            ports: vec![port("a", Targets::Drop, Targets::Drop)],
+            health_checks: vec![],
+        });
+        assert!(rs.elems[&MapName::ServiceIps]
+            .values()
+            .all(|t| *t == Target::Drop));
+    }
+
+    #[test]
+    fn external_cluster_policy_masquerades() {
+        let eps = Targets::Endpoints(vec![ep("10.244.1.5", 8080)]);
+        let rs = render(&Plan {
+            ports: vec![port("a", eps.clone(), eps)],
+            health_checks: vec![],
+        });
+        let ext = rs
+            .chains
+            .iter()
+            .find(|(n, _)| n.starts_with(EXT_PREFIX))
+            .unwrap()
+            .1;
+        assert_eq!(ext[0], Rule::MarkMasquerade);
+        let svc = rs
+            .chains
+            .iter()
+            .find(|(n, _)| n.starts_with(SVC_PREFIX))
+            .unwrap()
+            .1;
+        assert!(!svc.contains(&Rule::MarkMasquerade));
+    }
+
+    #[test]
+    fn diff_is_minimal_and_complete() {
+        let one = Targets::Endpoints(vec![ep("10.244.1.5", 8080)]);
+        let two = Targets::Endpoints(vec![ep("10.244.1.5", 8080), ep("10.244.2.5", 8080)]);
+        let a = render(&Plan {
+            ports: vec![
+                port("a", one.clone(), one.clone()),
+                port("b", one.clone(), one.clone()),
+            ],
+            health_checks: vec![],
+        });
+        // Same state: nothing to do.
+        assert!(diff(&a.written(), &a).is_empty());
+        // From nothing: everything.
+        let full = diff(&Written::default(), &a);
+        assert_eq!(full.write_chains.len(), 4);
+        // One endpoint added to "b": only b's two chains are rewritten.
+        let mut pb = port("b", two.clone(), two);
+        pb.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+        let b = render(&Plan {
+            ports: vec![port("a", one.clone(), one), pb],
+            health_checks: vec![],
+        });
+        let d = diff(&a.written(), &b);
+        assert_eq!(d.write_chains.len(), 2, "{d:?}");
+        assert!(d.del_chains.is_empty() && d.elements() == 0, "{d:?}");
+        // "b" removed: its chains go, and elements that pointed to them.
+        let c = render(&Plan {
+            ports: vec![],
+            health_checks: vec![],
+        });
+        let d = diff(&b.written(), &c);
+        assert_eq!(d.del_chains.len(), 4);
+        assert!(d.add_elems.is_empty());
+        assert_eq!(
+            d.elements(),
+            b.elems.values().map(BTreeMap::len).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn element_with_new_target_is_replaced() {
+        let one = Targets::Endpoints(vec![ep("10.244.1.5", 8080)]);
+        let a = render(&Plan {
+            ports: vec![port("a", one.clone(), one)],
+            health_checks: vec![],
+        });
+        let b = render(&Plan {
+            ports: vec![port("a", Targets::Drop, Targets::Drop)],
+            health_checks: vec![],
+        });
+        let d = diff(&a.written(), &b);
+        let key = ip_proto_port("10.96.0.10".parse().unwrap(), 6, 80);
+        assert!(d.del_elems[&MapName::ServiceIps].contains(&key));
+        assert!(d.add_elems[&MapName::ServiceIps].contains(&(key, Target::Drop)));
+    }
+
+    #[test]
+    fn key_layouts() {
+        assert_eq!(
+            ip_proto_port("10.96.0.1".parse().unwrap(), 6, 443),
+            vec![10, 96, 0, 1, 6, 0, 0, 0, 1, 187, 0, 0]
+        );
+        assert_eq!(proto_port(17, 30053), vec![17, 0, 0, 0, 0x75, 0x65, 0, 0]);
+        let e = ep("10.244.1.5", 8080);
+        assert_eq!(ep_from_data(&ep_data(e)), Some(e));
+    }
+}
