@@ -4,6 +4,7 @@
 //! at once can never hand out one address twice.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
 
@@ -28,15 +29,79 @@ impl Default for Ranges {
     }
 }
 
+impl Ranges {
+    /// Checked ranges: `service_cidr` without host bits and with room for at
+    /// least two Services (the network and broadcast addresses are never
+    /// handed out), `node_ports` as `A-B` with 1 <= A <= B <= 65535.
+    /// The message names the offending value, not a flag: the caller knows
+    /// whether it came from a flag or from the store.
+    pub fn new(service_cidr: Ipv4Network, node_ports: &str) -> Result<Ranges, String> {
+        if service_cidr.ip() != service_cidr.network() {
+            return Err(format!(
+                "service CIDR {service_cidr}: host bits set (did you mean {}/{}?)",
+                service_cidr.network(),
+                service_cidr.prefix()
+            ));
+        }
+        if service_cidr.prefix() > 30 {
+            return Err(format!(
+                "service CIDR {service_cidr}: too small, at most /30"
+            ));
+        }
+        Ok(Ranges {
+            service_cidr,
+            node_ports: parse_node_ports(node_ports)?,
+        })
+    }
+
+    /// `30000-32767`, as `--nodeport-range` spells it.
+    pub fn node_ports_text(&self) -> String {
+        format!("{}-{}", self.node_ports.start(), self.node_ports.end())
+    }
+}
+
+impl fmt::Display for Ranges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service CIDR {}, node-port range {}",
+            self.service_cidr,
+            self.node_ports_text()
+        )
+    }
+}
+
+/// `A-B` → `A..=B`; both within 1..=65535 and A <= B.
+pub fn parse_node_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let bad = || format!("node-port range {s:?}: expected FIRST-LAST, e.g. 30000-32767");
+    let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
+    // Parsed wider than u16 so that 70000 is "outside 1..=65535", not "bad".
+    let a: u32 = a.trim().parse().map_err(|_| bad())?;
+    let b: u32 = b.trim().parse().map_err(|_| bad())?;
+    for n in [a, b] {
+        if !(1..=65535).contains(&n) {
+            return Err(format!(
+                "node-port range {s:?}: port {n} is outside 1..=65535"
+            ));
+        }
+    }
+    if a > b {
+        return Err(format!(
+            "node-port range {s:?}: {a} is above {b} (the range is inverted)"
+        ));
+    }
+    Ok(a as u16..=b as u16)
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllocError {
-    #[error("Service {svc}: clusterIP {ip} is outside the service CIDR {cidr}")]
+    #[error("Service {svc}: spec.clusterIP {ip} is outside the service CIDR {cidr}")]
     OutsideCidr {
         svc: String,
         ip: String,
         cidr: Ipv4Network,
     },
-    #[error("Service {svc}: clusterIP {ip} is already taken by Service {owner}")]
+    #[error("Service {svc}: spec.clusterIP {ip} is already taken by Service {owner}")]
     IpTaken {
         svc: String,
         ip: IpAddr,
@@ -48,16 +113,19 @@ pub enum AllocError {
         old: String,
         new: String,
     },
-    #[error("Service {svc}: nodePort {port} is outside the node-port range {lo}-{hi}")]
+    #[error("Service {svc}: {field} {port} is outside the node-port range {lo}-{hi}")]
     OutsideRange {
         svc: String,
+        /// `spec.ports[i].nodePort` or `spec.healthCheckNodePort`.
+        field: String,
         port: i32,
         lo: u16,
         hi: u16,
     },
-    #[error("Service {svc}: nodePort {port} is already taken by Service {owner}")]
+    #[error("Service {svc}: {field} {port} is already taken by Service {owner}")]
     PortTaken {
         svc: String,
+        field: String,
         port: i32,
         owner: String,
     },
@@ -88,11 +156,29 @@ fn wants_cluster_ip(s: &Service) -> bool {
     spec.and_then(|s| s.type_.as_deref()) != Some("ExternalName") && cluster_ip(s) != Some("None")
 }
 
+/// Whether missing node ports are allocated: NodePort always, LoadBalancer
+/// unless `allocateLoadBalancerNodePorts: false` (as the API server does).
 fn wants_node_ports(s: &Service) -> bool {
-    matches!(
-        s.spec.as_ref().and_then(|s| s.type_.as_deref()),
-        Some("NodePort" | "LoadBalancer")
-    )
+    let spec = s.spec.as_ref();
+    match spec.and_then(|s| s.type_.as_deref()) {
+        Some("NodePort") => true,
+        Some("LoadBalancer") => {
+            spec.and_then(|s| s.allocate_load_balancer_node_ports) != Some(false)
+        }
+        _ => false,
+    }
+}
+
+/// A LoadBalancer with `externalTrafficPolicy: Local` gets a health-check
+/// node port, where load balancers ask which nodes have local endpoints.
+pub fn wants_health_check_port(s: &Service) -> bool {
+    let spec = s.spec.as_ref();
+    spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
+        && spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local")
+}
+
+fn health_check_port(s: &Service) -> Option<i32> {
+    s.spec.as_ref()?.health_check_node_port
 }
 
 /// Fills in a missing `clusterIP` (and `clusterIPs`, `ipFamilies`) and missing
@@ -117,7 +203,19 @@ pub fn assign(
                 ports.insert(n, k.clone());
             }
         }
+        if let Some(n) = health_check_port(s) {
+            ports.insert(n, k.clone());
+        }
     }
+    let in_range =
+        |n: i32| (i32::from(*r.node_ports.start())..=i32::from(*r.node_ports.end())).contains(&n);
+    let outside = |svc: &str, field: String, port: i32| AllocError::OutsideRange {
+        svc: svc.to_string(),
+        field,
+        port,
+        lo: *r.node_ports.start(),
+        hi: *r.node_ports.end(),
+    };
     // Explicit values first, so that an automatic pick of an earlier Service
     // in the file never takes what a later one asks for.
     for s in incoming.iter() {
@@ -152,26 +250,44 @@ pub fn assign(
                 });
             }
         }
-        for p in s.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+        for (i, p) in s
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .enumerate()
+        {
             let Some(n) = p.node_port else { continue };
-            if !(i32::from(*r.node_ports.start())..=i32::from(*r.node_ports.end())).contains(&n) {
-                return Err(AllocError::OutsideRange {
-                    svc: k,
-                    port: n,
-                    lo: *r.node_ports.start(),
-                    hi: *r.node_ports.end(),
-                });
+            let field = format!("spec.ports[{i}].nodePort");
+            if !in_range(n) {
+                return Err(outside(&k, field, n));
             }
             match ports.insert(n, k.clone()) {
                 // One Service may use one node port for TCP and UDP.
                 Some(owner) if owner != k => {
                     return Err(AllocError::PortTaken {
                         svc: k,
+                        field,
                         port: n,
                         owner,
                     })
                 }
                 _ => {}
+            }
+        }
+        if let Some(n) = health_check_port(s) {
+            let field = "spec.healthCheckNodePort".to_string();
+            if !in_range(n) {
+                return Err(outside(&k, field, n));
+            }
+            // Never shared, not even with the Service's own node ports: it
+            // answers HTTP, they forward traffic.
+            if let Some(owner) = ports.insert(n, k.clone()) {
+                return Err(AllocError::PortTaken {
+                    svc: k,
+                    field,
+                    port: n,
+                    owner,
+                });
             }
         }
     }
@@ -191,33 +307,51 @@ pub fn assign(
             spec.cluster_ips = Some(vec![ip.to_string()]);
             spec.ip_families = Some(vec!["IPv4".into()]);
         }
-        if !wants_node_ports(s) {
-            continue;
-        }
-        let old_ports: Vec<_> = old
-            .and_then(|o| o.spec.as_ref())
-            .and_then(|s| s.ports.clone())
-            .unwrap_or_default();
-        let spec = s.spec.get_or_insert_with(Default::default);
-        for p in spec.ports.iter_mut().flatten() {
-            if p.node_port.is_some() {
-                continue;
+        let no_port = || AllocError::NoPort {
+            lo: *r.node_ports.start(),
+            hi: *r.node_ports.end(),
+        };
+        if wants_node_ports(s) {
+            let old_ports: Vec<_> = old
+                .and_then(|o| o.spec.as_ref())
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default();
+            let own_health = health_check_port(s);
+            let spec = s.spec.get_or_insert_with(Default::default);
+            for p in spec.ports.iter_mut().flatten() {
+                if p.node_port.is_some() {
+                    continue;
+                }
+                // The same port of the same Service keeps its node port,
+                // unless this document gives it to the health check.
+                let kept = old_ports
+                    .iter()
+                    .find(|o| o.port == p.port && protocol(o) == protocol(p))
+                    .and_then(|o| o.node_port)
+                    .filter(|n| ports.get(n).is_none_or(|owner| *owner == k))
+                    .filter(|n| own_health != Some(*n));
+                let n = match kept {
+                    Some(n) => n,
+                    None => free_port(&r.node_ports, &ports).ok_or_else(no_port)?,
+                };
+                ports.insert(n, k.clone());
+                p.node_port = Some(n);
             }
-            // The same port of the same Service keeps its node port.
-            let kept = old_ports
-                .iter()
-                .find(|o| o.port == p.port && protocol(o) == protocol(p))
-                .and_then(|o| o.node_port)
-                .filter(|n| ports.get(n).is_none_or(|owner| *owner == k));
+        }
+        // After the node ports, so that a node port kept from the stored
+        // Service is never handed to the health check first.
+        if wants_health_check_port(s) && health_check_port(s).is_none() {
+            let kept = old
+                .and_then(health_check_port)
+                .filter(|n| in_range(*n) && !ports.contains_key(n));
             let n = match kept {
                 Some(n) => n,
-                None => free_port(&r.node_ports, &ports).ok_or(AllocError::NoPort {
-                    lo: *r.node_ports.start(),
-                    hi: *r.node_ports.end(),
-                })?,
+                None => free_port(&r.node_ports, &ports).ok_or_else(no_port)?,
             };
             ports.insert(n, k.clone());
-            p.node_port = Some(n);
+            s.spec
+                .get_or_insert_with(Default::default)
+                .health_check_node_port = Some(n);
         }
     }
     Ok(())
@@ -313,7 +447,7 @@ mod tests {
         ));
         assert_eq!(
             try_(svc("b", "{clusterIP: 10.96.0.1}")).to_string(),
-            "Service default/b: clusterIP 10.96.0.1 is already taken by Service default/a"
+            "Service default/b: spec.clusterIP 10.96.0.1 is already taken by Service default/a"
         );
         assert!(matches!(
             try_(svc("a", "{clusterIP: 10.96.0.2}")),
@@ -353,7 +487,7 @@ mod tests {
             try_(np("c", "[{port: 80, nodePort: 30001}]"))
                 .unwrap_err()
                 .to_string(),
-            "Service default/c: nodePort 30001 is already taken by Service default/a"
+            "Service default/c: spec.ports[0].nodePort 30001 is already taken by Service default/a"
         );
         assert!(matches!(
             try_(np("c", "[{port: 80, nodePort: 29999}]")).unwrap_err(),
@@ -370,5 +504,95 @@ mod tests {
         let mut again = services(&np("a", "[{name: x, port: 80}, {name: y, port: 81}]"));
         assign(&mut again, &existing, &small()).unwrap();
         assert_eq!(node_ports(&again[0]), [30001, 30002]);
+    }
+
+    fn health(s: &Service) -> Option<i32> {
+        s.spec.as_ref().unwrap().health_check_node_port
+    }
+
+    fn first_node_port(s: &Service) -> Option<i32> {
+        s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].node_port
+    }
+
+    #[test]
+    fn health_check_port_for_local_load_balancers_only() {
+        let lb = |name: &str, etp: &str, extra: &str| {
+            svc(
+                name,
+                &format!("{{type: LoadBalancer, externalTrafficPolicy: {etp}, ports: [{{port: 80}}]{extra}}}"),
+            )
+        };
+        let mut batch = services(&(lb("l", "Local", "") + &lb("c", "Cluster", "")));
+        assign(&mut batch, &BTreeMap::new(), &small()).unwrap();
+        // l: node port first, then the health check; c: no health check.
+        assert_eq!(first_node_port(&batch[0]), Some(30000));
+        assert_eq!(health(&batch[0]), Some(30001));
+        assert_eq!(first_node_port(&batch[1]), Some(30002));
+        assert_eq!(health(&batch[1]), None);
+
+        // Re-applied without them, l keeps both.
+        let existing = store(batch);
+        let mut again = services(&lb("l", "Local", ""));
+        assign(&mut again, &existing, &small()).unwrap();
+        assert_eq!(
+            (first_node_port(&again[0]), health(&again[0])),
+            (Some(30000), Some(30001))
+        );
+
+        // An explicit health-check port is checked like a node port, and is
+        // never shared with a node port, not even the Service's own.
+        let try_ = |yaml: String| assign(&mut services(&yaml), &BTreeMap::new(), &small());
+        let own = try_(svc(
+            "o",
+            "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 30000, ports: [{port: 80, nodePort: 30000}]}",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            own.to_string(),
+            "Service default/o: spec.healthCheckNodePort 30000 is already taken by Service default/o"
+        );
+        assert!(matches!(
+            try_(lb("o", "Local", ", healthCheckNodePort: 40000")).unwrap_err(),
+            AllocError::OutsideRange { ref field, .. } if field == "spec.healthCheckNodePort"
+        ));
+        // A stored node port the new document gives to the health check is
+        // not kept for the port: it gets a fresh one.
+        let mut moved = services(&lb("l", "Local", ", healthCheckNodePort: 30000"));
+        assign(&mut moved, &existing, &small()).unwrap();
+        assert_eq!(
+            (first_node_port(&moved[0]), health(&moved[0])),
+            (Some(30001), Some(30000))
+        );
+    }
+
+    #[test]
+    fn load_balancer_without_node_ports() {
+        let mut batch = services(&svc(
+            "l",
+            "{type: LoadBalancer, allocateLoadBalancerNodePorts: false, ports: [{port: 80}]}",
+        ));
+        assign(&mut batch, &BTreeMap::new(), &small()).unwrap();
+        assert_eq!(first_node_port(&batch[0]), None);
+        assert_eq!(ip(&batch[0]), "10.96.0.1");
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let cidr = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        let r = Ranges::new(cidr("10.96.0.0/12"), "30000-32767").unwrap();
+        assert_eq!(r, Ranges::default());
+        assert_eq!(
+            r.to_string(),
+            "service CIDR 10.96.0.0/12, node-port range 30000-32767"
+        );
+        assert_eq!(parse_node_ports("8080-8080").unwrap(), 8080..=8080);
+        let err = |c: &str, p: &str| Ranges::new(cidr(c), p).unwrap_err();
+        assert!(err("10.96.0.1/12", "1-2").contains("host bits"));
+        assert!(err("10.96.0.0/31", "1-2").contains("too small"));
+        assert!(err("10.96.0.0/12", "32767-30000").contains("inverted"));
+        assert!(err("10.96.0.0/12", "0-100").contains("outside 1..=65535"));
+        assert!(err("10.96.0.0/12", "30000-70000").contains("port 70000 is outside"));
+        assert!(err("10.96.0.0/12", "30000").contains("FIRST-LAST"));
+        assert!(err("10.96.0.0/12", "a-b").contains("FIRST-LAST"));
     }
 }

@@ -35,7 +35,98 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
 }
 
+/// The two kinds of object ferry stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    /// The API's resource name: `services`, `endpointslices` (also the
+    /// stores' directory and key segment).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices",
+        }
+    }
+
+    /// `service`, `endpointslice`: how kubectl names one in its output.
+    pub fn singular(self) -> &'static str {
+        match self {
+            Kind::Service => "service",
+            Kind::EndpointSlice => "endpointslice",
+        }
+    }
+}
+
+/// Which object: kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// `NS/NAME` or `NAME` (namespace `default`), as `ferryctl delete
+    /// service` takes it; both parts must be DNS labels.
+    pub fn parse(kind: Kind, s: &str) -> Result<ObjectRef, String> {
+        let (ns, name) = match s.split_once('/') {
+            Some((ns, name)) => (ns, name),
+            None => (DEFAULT_NAMESPACE, s),
+        };
+        for (what, v) in [("namespace", ns), ("name", name)] {
+            if !is_dns_label(v) {
+                return Err(format!(
+                    "{} {s:?}: {what} {v:?} must be a DNS label (lower-case letters, digits, '-')",
+                    kind.singular()
+                ));
+            }
+        }
+        Ok(ObjectRef {
+            kind,
+            namespace: ns.into(),
+            name: name.into(),
+        })
+    }
+
+    /// `namespace/name`, the key of [`crate::service::Snapshot`]'s maps.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    /// `service/default/web`: kubectl's `kind/name` with the namespace.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}",
+            self.kind.singular(),
+            self.namespace,
+            self.name
+        )
+    }
+}
+
 impl Object {
+    pub fn reference(&self) -> ObjectRef {
+        let (kind, meta) = match self {
+            Object::Service(s) => (Kind::Service, &s.metadata),
+            Object::EndpointSlice(e) => (Kind::EndpointSlice, &e.metadata),
+        };
+        ObjectRef {
+            kind,
+            namespace: meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Object::Service(_) => "Service",
@@ -221,6 +312,19 @@ fn validate_service(s: &Service) -> Result<(), String> {
         if list.first().is_some_and(|f| f != a) {
             return Err("spec.clusterIPs[0] must equal spec.clusterIP".into());
         }
+    }
+    if let Some(n) = spec.health_check_node_port {
+        if ty != "LoadBalancer" || spec.external_traffic_policy.as_deref() != Some("Local") {
+            return Err("spec.healthCheckNodePort is only allowed for type LoadBalancer with externalTrafficPolicy Local".into());
+        }
+        if !(1..=65535).contains(&n) {
+            return Err(format!("spec.healthCheckNodePort {n} is not in 1..=65535"));
+        }
+    }
+    if spec.allocate_load_balancer_node_ports.is_some() && ty != "LoadBalancer" {
+        return Err(
+            "spec.allocateLoadBalancerNodePorts is only allowed for type LoadBalancer".into(),
+        );
     }
     for ip in spec.external_ips.iter().flatten() {
         ip.parse::<IpAddr>()
@@ -477,5 +581,46 @@ ports:
             .to_string()
             .contains("not an IPv4"));
         slice("{kubernetes.io/service-name: s}", "10.0.0.1").unwrap();
+    }
+
+    #[test]
+    fn health_check_port_needs_a_local_load_balancer() {
+        let svc = |spec: &str| {
+            parse(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {spec}"
+            ))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        let lb = "type: LoadBalancer, externalTrafficPolicy: Local";
+        svc(&format!("{{{lb}, healthCheckNodePort: 30000}}")).unwrap();
+        assert!(svc("{type: LoadBalancer, healthCheckNodePort: 30000}")
+            .unwrap_err()
+            .contains("externalTrafficPolicy Local"));
+        assert!(svc(&format!("{{{lb}, healthCheckNodePort: 70000}}"))
+            .unwrap_err()
+            .contains("healthCheckNodePort 70000"));
+        assert!(
+            svc("{type: NodePort, allocateLoadBalancerNodePorts: false}")
+                .unwrap_err()
+                .contains("allocateLoadBalancerNodePorts")
+        );
+    }
+
+    #[test]
+    fn references() {
+        let r = ObjectRef::parse(Kind::Service, "web").unwrap();
+        assert_eq!(
+            (r.key(), r.to_string()),
+            ("default/web".into(), "service/default/web".into())
+        );
+        let r = ObjectRef::parse(Kind::EndpointSlice, "prod/web-1").unwrap();
+        assert_eq!(r.to_string(), "endpointslice/prod/web-1");
+        assert!(ObjectRef::parse(Kind::Service, "a/b/c")
+            .unwrap_err()
+            .contains("name \"b/c\""));
+        assert!(ObjectRef::parse(Kind::Service, "/x").is_err());
+        let objs = parse(WEB).unwrap();
+        assert_eq!(objs[1].reference().to_string(), "endpointslice/prod/web-1");
     }
 }
