@@ -2,35 +2,66 @@
 //!
 //! ```text
 //! <prefix>/subnets/10.244.1.0-24 = {"node": ..., "subnet": ..., ...}   (attached to the node's lease)
+//! <prefix>/services/NS/NAME      = a v1 Service, the API's JSON
+//! <prefix>/endpointslices/NS/NAME = a discovery.k8s.io/v1 EndpointSlice
+//! <prefix>/ranges                = {"serviceCIDR": "10.96.0.0/12", "nodePortRange": "30000-32767"}
 //! ```
 //! A subnet is reserved with a transaction that creates its key only if it
 //! does not exist (`create_revision == 0`); a node that restarts takes its
 //! own key over with a transaction on its `mod_revision`. Keys vanish when
-//! their lease expires, which frees the subnet. A watch on the prefix wakes
-//! the daemon.
+//! their lease expires, which frees the subnet. A watch on the whole prefix
+//! wakes the daemon.
+//!
+//! An apply reads Services, EndpointSlices and ranges at one revision R,
+//! decides (allocation included), and writes in a transaction guarded by
+//! "no key under `services/` or `endpointslices/`, nor `ranges`, has
+//! changed since R" (a compare over the key range), retrying on conflict:
+//! two applies can never both allocate from the same view. Objects are read
+//! a page at a time (gRPC answers are limited to 4 MiB). A transaction
+//! holds at most 100 writes and 1 MiB (etcd's defaults: 128 operations,
+//! 1.5 MiB); a larger apply is written in several, each guarded by the
+//! revision of the one before, and re-decided for what is left when another
+//! writer comes between — allocations stay unique, but such an apply is
+//! no longer all-or-nothing once its first transaction is in.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper,
-    PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use ipnetwork::Ipv4Network;
 use tokio::sync::{Mutex, Notify};
 
-use super::{ClusterState, Membership, Registration, StoreError, StoreResult};
+use super::{
+    decode, decode_ranges, encode, encode_ranges, plan_apply, ranges_to_publish, Applied, Change,
+    ClusterState, Membership, Registration, ServiceWrites, StoreError, StoreResult, WarnOnce,
+};
 use crate::record::{self, Allocation, NodeRecord, Reservation};
+use crate::service::alloc::Ranges;
+use crate::service::model::{Kind, Object, ObjectRef};
+use crate::service::Snapshot;
 
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys per read: a page of Services stays far below gRPC's 4 MiB.
+const PAGE: i64 = 500;
+/// Writes per transaction, below etcd's default --max-txn-ops 128.
+const TXN_OPS: usize = 100;
+/// Bytes per transaction, below etcd's default --max-request-bytes 1.5 MiB.
+const TXN_BYTES: usize = 1 << 20;
 
 pub struct EtcdStore {
     client: Client,
     endpoints: String,
+    /// `<prefix>/`: everything ferry keeps.
+    root: String,
+    /// `<prefix>/subnets/`.
     prefix: String,
     notify: Arc<Notify>,
     own: Mutex<Option<Own>>,
+    warned: WarnOnce,
 }
 
 struct Own {
@@ -56,12 +87,15 @@ impl EtcdStore {
             .with_timeout(OP_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         let client = timed(&joined, "connect", Client::connect(endpoints, Some(opts))).await?;
+        let root = format!("{}/", prefix.trim_end_matches('/'));
         let store = EtcdStore {
             client,
             endpoints: joined,
-            prefix: format!("{}/subnets/", prefix.trim_end_matches('/')),
+            prefix: format!("{root}subnets/"),
+            root,
             notify: Arc::new(Notify::new()),
             own: Mutex::new(None),
+            warned: WarnOnce::default(),
         };
         // Connecting is lazy: make one real request so that an unreachable
         // etcd is an error now, not later.
@@ -108,7 +142,8 @@ impl EtcdStore {
 
     fn start_watch(&self) {
         let mut client = self.client.clone();
-        let prefix = self.prefix.clone();
+        // The whole prefix: node records, Services, EndpointSlices, ranges.
+        let prefix = self.root.clone();
         let notify = self.notify.clone();
         tokio::spawn(async move {
             loop {
@@ -205,6 +240,214 @@ impl EtcdStore {
         }
         Ok(())
     }
+}
+
+/// Services, EndpointSlices and ranges.
+impl EtcdStore {
+    fn kind_prefix(&self, kind: Kind) -> String {
+        format!("{}{}/", self.root, kind.plural())
+    }
+
+    fn object_key(&self, r: &ObjectRef) -> String {
+        format!("{}{}/{}", self.kind_prefix(r.kind), r.namespace, r.name)
+    }
+
+    fn ranges_key(&self) -> String {
+        format!("{}ranges", self.root)
+    }
+
+    /// Every key under `prefix` at `revision` (0: the latest), a page at a
+    /// time; returns the revision read, so that further reads can be made
+    /// at the same one.
+    async fn range(&self, prefix: &str, revision: i64) -> StoreResult<(i64, Vec<KeyValue>)> {
+        let end = prefix_end(prefix);
+        let mut from = prefix.as_bytes().to_vec();
+        let mut rev = revision;
+        let mut out = Vec::new();
+        loop {
+            let mut c = self.client.clone();
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(PAGE)
+                .with_revision(rev);
+            let what = format!("list {prefix}");
+            let mut resp = timed(&self.endpoints, &what, c.get(from.clone(), Some(opts))).await?;
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else { break };
+            from = last.key().to_vec();
+            from.push(0); // the next key after it
+            out.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok((rev, out))
+    }
+
+    /// All Services and EndpointSlices at one revision, which it returns.
+    async fn read_objects(&self) -> StoreResult<(i64, Snapshot)> {
+        let mut snap = Snapshot::default();
+        let mut rev = 0;
+        for kind in [Kind::Service, Kind::EndpointSlice] {
+            let prefix = self.kind_prefix(kind);
+            let (r, kvs) = self.range(&prefix, rev).await?;
+            rev = r;
+            for kv in kvs {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let named = key.strip_prefix(&prefix).and_then(|k| k.split_once('/'));
+                let res = match named {
+                    Some((ns, name)) => decode(kind, ns, name, kv.value()),
+                    None => Err("not a NAMESPACE/NAME key".into()),
+                };
+                match res {
+                    Ok(obj) => snap.insert(obj),
+                    Err(msg) => {
+                        if self.warned.first(format!("{key}@{}", kv.mod_revision())) {
+                            tracing::warn!(key, "ignoring unreadable {}: {msg}", kind.singular());
+                        }
+                    }
+                }
+            }
+        }
+        Ok((rev, snap))
+    }
+
+    async fn read_ranges(&self, revision: i64) -> StoreResult<Option<Ranges>> {
+        let mut c = self.client.clone();
+        let key = self.ranges_key();
+        let opts = GetOptions::new().with_revision(revision);
+        let resp = timed(
+            &self.endpoints,
+            "read ranges",
+            c.get(key.clone(), Some(opts)),
+        )
+        .await?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode_ranges(kv.value()))
+            .transpose()
+            .map_err(|msg| StoreError::BadRanges {
+                at: format!("etcd {} key {key}", self.endpoints),
+                msg,
+            })
+    }
+
+    /// [`ServiceWrites::apply`], awaiting `before_commit()` between deciding
+    /// and writing, where another writer may land: tests use it to force
+    /// that interleaving.
+    async fn apply_with<F: Future<Output = ()>>(
+        &self,
+        objects: Vec<Object>,
+        fallback: &Ranges,
+        mut before_commit: impl FnMut() -> F,
+    ) -> StoreResult<Vec<Applied>> {
+        let mut results: Vec<Option<Applied>> = vec![None; objects.len()];
+        // Indices of the objects not yet written.
+        let mut pending: Vec<usize> = (0..objects.len()).collect();
+        for _ in 0..ATTEMPTS {
+            let (rev, current) = self.read_objects().await?;
+            let stored = self.read_ranges(rev).await?;
+            let ranges = stored.clone().unwrap_or_else(|| fallback.clone());
+            let batch = pending.iter().map(|&i| objects[i].clone()).collect();
+            let plan = plan_apply(batch, &current, &ranges)?;
+            before_commit().await;
+            // (index into `pending`, key, value); the ranges go first.
+            let mut writes: Vec<(Option<usize>, String, Vec<u8>)> = Vec::new();
+            let mut objs = plan.writes.iter();
+            for (j, a) in plan.applied.iter().enumerate() {
+                if a.change != Change::Unchanged {
+                    let o = objs.next().expect("one write per change");
+                    writes.push((Some(j), self.object_key(&a.object), encode(o, false)));
+                }
+            }
+            if stored.is_none() && !writes.is_empty() {
+                writes.insert(0, (None, self.ranges_key(), encode_ranges(&ranges)));
+            }
+            let mut last = rev;
+            let mut conflict = false;
+            for chunk in chunks(&writes) {
+                // Nothing under these keys changed since `last`: a compare
+                // over the range also covers keys created since.
+                let guards = vec![
+                    Compare::mod_revision(
+                        self.kind_prefix(Kind::Service),
+                        CompareOp::Less,
+                        last + 1,
+                    )
+                    .with_prefix(),
+                    Compare::mod_revision(
+                        self.kind_prefix(Kind::EndpointSlice),
+                        CompareOp::Less,
+                        last + 1,
+                    )
+                    .with_prefix(),
+                    Compare::mod_revision(self.ranges_key(), CompareOp::Less, last + 1),
+                ];
+                let ops: Vec<TxnOp> = chunk
+                    .iter()
+                    .map(|(_, k, v)| TxnOp::put(k.clone(), v.clone(), None))
+                    .collect();
+                let mut c = self.client.clone();
+                let txn = Txn::new().when(guards).and_then(ops);
+                let resp = timed(&self.endpoints, "apply", c.txn(txn)).await?;
+                if !resp.succeeded() {
+                    conflict = true;
+                    break;
+                }
+                last = resp.header().map(|h| h.revision()).unwrap_or(last);
+                for (j, _, _) in chunk {
+                    if let Some(j) = j {
+                        results[pending[*j]] = Some(plan.applied[*j].clone());
+                    }
+                }
+            }
+            if !conflict {
+                for (j, a) in plan.applied.into_iter().enumerate() {
+                    results[pending[j]].get_or_insert(a);
+                }
+                return Ok(results.into_iter().map(|r| r.expect("decided")).collect());
+            }
+            // Another writer came between: decide again on what it wrote,
+            // for what is not written yet.
+            pending.retain(|&i| results[i].is_none());
+        }
+        Err(StoreError::ApplyContention(ATTEMPTS))
+    }
+}
+
+/// The end of the key range of `prefix` (etcd's `range_end` for a prefix).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+/// `writes` in transactions of at most [`TXN_OPS`] and about [`TXN_BYTES`]
+/// (one write larger than that gets a transaction of its own).
+fn chunks<T>(writes: &[(T, String, Vec<u8>)]) -> Vec<&[(T, String, Vec<u8>)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, k, v)) in writes.iter().enumerate() {
+        let size = k.len() + v.len();
+        if i > start && (i - start == TXN_OPS || bytes + size > TXN_BYTES) {
+            out.push(&writes[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < writes.len() {
+        out.push(&writes[start..]);
+    }
+    out
 }
 
 async fn timed<T>(
@@ -365,15 +608,71 @@ impl ClusterState for EtcdStore {
             .collect())
     }
 
+    async fn services(&self) -> StoreResult<Snapshot> {
+        Ok(self.read_objects().await?.1)
+    }
+
     async fn changed(&self) {
         self.notify.notified().await;
+    }
+}
+
+impl ServiceWrites for EtcdStore {
+    async fn apply(&self, objects: Vec<Object>, fallback: &Ranges) -> StoreResult<Vec<Applied>> {
+        self.apply_with(objects, fallback, || async {}).await
+    }
+
+    async fn delete(&self, refs: &[ObjectRef]) -> StoreResult<Vec<bool>> {
+        let mut out = Vec::with_capacity(refs.len());
+        for chunk in refs.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|r| TxnOp::delete(self.object_key(r), None))
+                .collect();
+            let mut c = self.client.clone();
+            let resp = timed(&self.endpoints, "delete", c.txn(Txn::new().and_then(ops))).await?;
+            out.extend(resp.op_responses().iter().map(|r| match r {
+                TxnOpResponse::Delete(d) => d.deleted() > 0,
+                _ => false,
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn publish_ranges(&self, given: &Ranges) -> StoreResult<()> {
+        let key = self.ranges_key();
+        // Create it if absent, else read what is there, in one transaction:
+        // what is read is what made the create fail.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), encode_ranges(given), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let mut c = self.client.clone();
+        let resp = timed(&self.endpoints, "publish ranges", c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        let stored = match resp.op_responses().first() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        }
+        .unwrap_or_default();
+        let stored = decode_ranges(&stored).map_err(|msg| StoreError::BadRanges {
+            at: format!("etcd {} key {key}", self.endpoints),
+            msg,
+        })?;
+        ranges_to_publish(Some(stored), given).map(|_| ())
+    }
+
+    async fn ranges(&self) -> StoreResult<Option<Ranges>> {
+        self.read_ranges(0).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::{reg, skip, TempDir};
+    use crate::store::testing::{self, cluster_ip, objs, reg, said, skip, small, svc, TempDir};
     use std::net::{TcpListener, TcpStream};
     use std::process::{Child, Command, Stdio};
 
@@ -535,5 +834,175 @@ mod tests {
             "leave returned {res:?}, but the record is {:?}",
             now[0].record
         );
+    }
+
+    /// Every key under the test prefix with value and mod revision, and the
+    /// store's revision: equal dumps mean nothing was written at all.
+    async fn dump(s: &EtcdStore) -> (i64, Vec<(Vec<u8>, Vec<u8>, i64)>) {
+        let (rev, kvs) = s.range(&s.root, 0).await.unwrap();
+        let kvs = kvs
+            .iter()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
+            .collect();
+        (rev, kvs)
+    }
+
+    #[tokio::test]
+    async fn services_round_trip() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = etcd.open().await;
+        testing::round_trip(&s).await;
+        let mut c = s.client.clone();
+        let got = c
+            .get("/ferry-test/services/default/web", None)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+        assert_eq!(
+            (v["kind"].as_str(), v["spec"]["clusterIP"].as_str()),
+            (Some("Service"), Some("10.96.0.1"))
+        );
+        let got = c.get("/ferry-test/ranges", None).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"serviceCIDR": "10.96.0.0/29", "nodePortRange": "30000-30002"})
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_applies_write_nothing() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = etcd.open().await;
+        testing::refusals_write_nothing(&s, || dump(&s)).await;
+    }
+
+    #[tokio::test]
+    async fn deletes() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        testing::deletes(&etcd.open().await).await;
+    }
+
+    /// B's whole apply lands between A's read and A's write: A's
+    /// transaction must fail, and A decide again on what B wrote.
+    #[tokio::test]
+    async fn concurrent_applies_never_share_an_address() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let a = etcd.open().await;
+        let b = etcd.open().await;
+        let mut rounds = 0;
+        let applied = a
+            .apply_with(objs(&svc("a", "{}")), &small(), || {
+                rounds += 1;
+                let (first, b) = (rounds == 1, &b);
+                async move {
+                    if first {
+                        b.apply(objs(&svc("b", "{}")), &small()).await.unwrap();
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(said(&applied), ["service/default/a created"]);
+        let snap = a.services().await.unwrap();
+        assert_eq!(cluster_ip(&snap, "default/b"), "10.96.0.1");
+        assert_eq!(cluster_ip(&snap, "default/a"), "10.96.0.2");
+        assert_eq!(rounds, 2, "A did not decide again after B's write");
+    }
+
+    /// An apply larger than one transaction and than one page of reads:
+    /// all of it lands, every address once.
+    #[tokio::test]
+    async fn large_apply_is_chunked_and_paged() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = etcd.open().await;
+        let n = PAGE as usize + TXN_OPS + 7;
+        let yaml: String = (0..n)
+            .map(|i| svc(&format!("s{i}"), "{ports: [{port: 80}]}"))
+            .collect();
+        let applied = s.apply(objs(&yaml), &Ranges::default()).await.unwrap();
+        assert_eq!(applied.len(), n);
+        let snap = s.services().await.unwrap();
+        assert_eq!(snap.services.len(), n);
+        let mut ips: Vec<String> = snap.services.keys().map(|k| cluster_ip(&snap, k)).collect();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), n);
+        let again = s.apply(objs(&yaml), &Ranges::default()).await.unwrap();
+        assert!(again.iter().all(|a| a.change == Change::Unchanged));
+    }
+
+    /// A key that is not an object `apply` would write is left out.
+    #[tokio::test]
+    async fn unreadable_objects_are_skipped() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = etcd.open().await;
+        s.apply(objs(testing::WEB), &small()).await.unwrap();
+        let mut c = s.client.clone();
+        let web = c
+            .get("/ferry-test/services/default/web", None)
+            .await
+            .unwrap();
+        let web = web.kvs()[0].value().to_vec();
+        c.put(
+            "/ferry-test/services/default/half",
+            &b"{\"apiVersion\": \"v1\", \"ki"[..],
+            None,
+        )
+        .await
+        .unwrap();
+        c.put("/ferry-test/services/default/misnamed", web, None)
+            .await
+            .unwrap();
+        c.put("/ferry-test/services/no-namespace", &b"{}"[..], None)
+            .await
+            .unwrap();
+        let snap = s.services().await.unwrap();
+        assert_eq!(snap.services.keys().collect::<Vec<_>>(), ["default/web"]);
+        assert_eq!(snap.slices.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn changed_covers_services_and_slices() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = etcd.open().await;
+        let other = etcd.open().await;
+        testing::wakes_on(&s, async {
+            other.apply(objs(testing::WEB), &small()).await.unwrap();
+        })
+        .await;
+        let slice = ObjectRef::parse(Kind::EndpointSlice, "web-1").unwrap();
+        testing::wakes_on(&s, async {
+            other.delete(&[slice]).await.unwrap();
+        })
+        .await;
+    }
+
+    #[test]
+    fn chunks_respect_ops_and_bytes() {
+        let w = |n: usize, size: usize| -> Vec<((), String, Vec<u8>)> {
+            (0..n).map(|_| ((), String::new(), vec![0; size])).collect()
+        };
+        let lens =
+            |w: &[((), String, Vec<u8>)]| chunks(w).iter().map(|c| c.len()).collect::<Vec<_>>();
+        assert_eq!(lens(&w(250, 10)), [100, 100, 50]);
+        assert_eq!(lens(&w(5, TXN_BYTES / 2)), [2, 2, 1]);
+        assert_eq!(lens(&w(2, TXN_BYTES * 2)), [1, 1], "a big one alone");
+        assert!(lens(&w(0, 1)).is_empty());
+        assert_eq!(prefix_end("/ferry/services/"), b"/ferry/services0");
     }
 }

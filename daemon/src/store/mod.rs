@@ -1,22 +1,35 @@
-//! Cluster state: what a node publishes ([`Membership`]) and what the
-//! cluster holds ([`ClusterState`]), a store per backend.
+//! Cluster state: what a node publishes ([`Membership`]), what the cluster
+//! holds ([`ClusterState`]) and what `ferryctl` changes ([`ServiceWrites`]),
+//! a store per backend.
 //!
 //! Each store holds one record per allocated subnet ([`NodeRecord`]) under
 //! a lease. `register` finds or allocates this node's subnet and publishes
 //! the record; `nodes` lists the live records; `changed` resolves when the
 //! set may have changed (spurious wake-ups are fine: the daemon reconciles
 //! against the kernel anyway).
+//!
+//! Services and EndpointSlices are kept as the Kubernetes API's own JSON,
+//! one object per file or key (layouts in [`file`] and [`etcd`]), next to
+//! the service CIDR and node-port range they were allocated from. Only
+//! [`ServiceWrites::apply`] allocates, and it does so against everything
+//! the store holds, atomically, so that the store never holds one address
+//! or node port twice.
 
 pub mod etcd;
 pub mod file;
 
+use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
 
 use crate::record::{AllocError, Mac, NodeRecord};
+use crate::service::alloc::{self, Ranges};
+use crate::service::model::{self, Kind, Object, ObjectRef};
+use crate::service::Snapshot;
 
 /// What a node asks for when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +91,22 @@ pub enum StoreError {
     Left(String),
     #[error("node {0:?} is not registered in the store")]
     NotRegistered(String),
+    #[error(transparent)]
+    ServiceAlloc(#[from] alloc::AllocError),
+    #[error("{0} appears more than once in one apply")]
+    Duplicate(ObjectRef),
+    #[error(
+        "the store holds {stored}, but this ferryd was given {given}: the store's Services \
+         were allocated from its ranges; start ferryd with --service-cidr {} --nodeport-range {}, \
+         or use another store",
+        stored.service_cidr,
+        stored.node_ports_text()
+    )]
+    RangesDiffer { stored: Ranges, given: Ranges },
+    #[error("{at}: unreadable service ranges record: {msg}")]
+    BadRanges { at: String, msg: String },
+    #[error("could not apply after {0} attempts: the store's Services kept changing")]
+    ApplyContention(u32),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -100,24 +129,241 @@ pub trait ClusterState: Send + Sync + 'static {
     /// Live records of all nodes (this one included), without those that
     /// left or whose lease expired.
     fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
-    /// Resolves when the records may have changed.
+    /// All Services and EndpointSlices, read at one point in time (etcd: one
+    /// revision). An object that cannot be read or is not valid is left out
+    /// and logged once.
+    fn services(&self) -> impl Future<Output = StoreResult<Snapshot>> + Send;
+    /// Resolves when the records, the Services or the EndpointSlices may
+    /// have changed.
     fn changed(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// A backend that is both: the file store and etcd.
-pub trait Store: Membership + ClusterState {}
+/// What [`ServiceWrites::apply`] did to one object, as kubectl says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Created,
+    Configured,
+    Unchanged,
+}
 
-impl<T: Membership + ClusterState> Store for T {}
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Change::Created => "created",
+            Change::Configured => "configured",
+            Change::Unchanged => "unchanged",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub object: ObjectRef,
+    pub change: Change,
+}
+
+/// What `ferryctl` changes (and the ranges ferryd publishes at start).
+pub trait ServiceWrites: Send + Sync + 'static {
+    /// Writes `objects`, all of them or — on any error — none: fills in
+    /// missing clusterIPs, node ports and health-check node ports
+    /// ([`alloc::assign`]) against everything the store holds, keeping what
+    /// a stored Service of the same name was given. Allocates from the
+    /// store's ranges; from `fallback` when the store has none, which it
+    /// then records, so that a ferryd started later with other ranges
+    /// refuses to start rather than program Services outside them.
+    /// Returns one [`Applied`] per object, in order; unchanged objects are
+    /// not rewritten.
+    fn apply(
+        &self,
+        objects: Vec<Object>,
+        fallback: &Ranges,
+    ) -> impl Future<Output = StoreResult<Vec<Applied>>> + Send;
+    /// Deletes the objects named; per object, whether it existed. Deleting a
+    /// Service deletes nothing else (its EndpointSlices stay, as in
+    /// Kubernetes without a garbage collector).
+    fn delete(&self, refs: &[ObjectRef]) -> impl Future<Output = StoreResult<Vec<bool>>> + Send;
+    /// Records `ranges` if the store has none; [`StoreError::RangesDiffer`]
+    /// if it holds others. ferryd calls this at start.
+    fn publish_ranges(&self, ranges: &Ranges) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The ranges the store holds, if any.
+    fn ranges(&self) -> impl Future<Output = StoreResult<Option<Ranges>>> + Send;
+}
+
+/// A backend that is all three: the file store and etcd.
+pub trait Store: Membership + ClusterState + ServiceWrites {}
+
+impl<T: Membership + ClusterState + ServiceWrites> Store for T {}
+
+/// What one apply writes, decided against what the store holds (pure, so
+/// both stores decide alike).
+#[derive(Debug)]
+struct Plan {
+    /// One per object given, in order.
+    applied: Vec<Applied>,
+    /// The objects created or configured, allocations filled in, in order.
+    writes: Vec<Object>,
+}
+
+fn plan_apply(objects: Vec<Object>, current: &Snapshot, ranges: &Ranges) -> StoreResult<Plan> {
+    let mut seen = BTreeSet::new();
+    for o in &objects {
+        let r = o.reference();
+        if !seen.insert(r.clone()) {
+            // Allocation would give both documents one address, and which
+            // one wins would be an accident of order.
+            return Err(StoreError::Duplicate(r));
+        }
+    }
+    let mut objects = objects;
+    let mut services = Vec::new();
+    let mut at = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        if let Object::Service(s) = o {
+            services.push((**s).clone());
+            at.push(i);
+        }
+    }
+    alloc::assign(&mut services, &current.services, ranges)?;
+    for (i, s) in at.into_iter().zip(services) {
+        objects[i] = Object::Service(Box::new(s));
+    }
+    let mut plan = Plan {
+        applied: Vec::with_capacity(objects.len()),
+        writes: Vec::new(),
+    };
+    for o in objects {
+        let object = o.reference();
+        let key = object.key();
+        let (new, old) = match &o {
+            Object::Service(s) => (to_value(s), current.services.get(&key).map(to_value)),
+            Object::EndpointSlice(e) => (to_value(e), current.slices.get(&key).map(to_value)),
+        };
+        let change = match old {
+            None => Change::Created,
+            Some(old) if old == new => Change::Unchanged,
+            Some(_) => Change::Configured,
+        };
+        if change != Change::Unchanged {
+            plan.writes.push(o);
+        }
+        plan.applied.push(Applied { object, change });
+    }
+    Ok(plan)
+}
+
+fn to_value(v: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).expect("k8s-openapi objects serialise")
+}
+
+/// The JSON an object is stored as: the API's own.
+fn encode(o: &Object, pretty: bool) -> Vec<u8> {
+    let v = match o {
+        Object::Service(s) => to_value(s),
+        Object::EndpointSlice(e) => to_value(e),
+    };
+    if pretty {
+        let mut out = serde_json::to_vec_pretty(&v).expect("serialisable");
+        out.push(b'\n');
+        out
+    } else {
+        serde_json::to_vec(&v).expect("serialisable")
+    }
+}
+
+/// A stored object: the API's JSON for `kind`, named as its file or key
+/// says, and valid — what `apply` would have written. Anything else was
+/// written by hand or is half-written, and is left out.
+fn decode(kind: Kind, namespace: &str, name: &str, data: &[u8]) -> Result<Object, String> {
+    let obj = match kind {
+        Kind::Service => serde_json::from_slice(data).map(|s| Object::Service(Box::new(s))),
+        Kind::EndpointSlice => {
+            serde_json::from_slice(data).map(|e| Object::EndpointSlice(Box::new(e)))
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let r = obj.reference();
+    if r.namespace != namespace || r.name != name {
+        return Err(format!(
+            "holds {}, not {}/{namespace}/{name}",
+            r,
+            kind.singular()
+        ));
+    }
+    model::validate(&obj).map_err(|e| e.to_string())?;
+    Ok(obj)
+}
+
+/// The service ranges as stored: `{"serviceCIDR": "10.96.0.0/12",
+/// "nodePortRange": "30000-32767"}`, spelled like the flags' values.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RangesRecord {
+    #[serde(rename = "serviceCIDR")]
+    service_cidr: Ipv4Network,
+    #[serde(rename = "nodePortRange")]
+    node_port_range: String,
+}
+
+fn encode_ranges(r: &Ranges) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(&RangesRecord {
+        service_cidr: r.service_cidr,
+        node_port_range: r.node_ports_text(),
+    })
+    .expect("serialisable");
+    out.push(b'\n');
+    out
+}
+
+fn decode_ranges(data: &[u8]) -> Result<Ranges, String> {
+    let rec: RangesRecord = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    Ranges::new(rec.service_cidr, &rec.node_port_range)
+}
+
+/// What `publish_ranges` does given what the store holds: `Some` to write.
+fn ranges_to_publish(stored: Option<Ranges>, given: &Ranges) -> StoreResult<Option<Ranges>> {
+    match stored {
+        None => Ok(Some(given.clone())),
+        Some(s) if s == *given => Ok(None),
+        Some(stored) => Err(StoreError::RangesDiffer {
+            stored,
+            given: given.clone(),
+        }),
+    }
+}
+
+/// Remembers what was already logged as unreadable, so that a bad file or
+/// key is logged once per version, not on every read (every reconcile).
+#[derive(Default)]
+struct WarnOnce(std::sync::Mutex<HashSet<String>>);
+
+impl WarnOnce {
+    /// True the first time `id` (a path or key with its version) is seen.
+    fn first(&self, id: String) -> bool {
+        let mut seen = self.0.lock().expect("not poisoned");
+        // Bounded: a store rewritten badly forever must not grow memory.
+        if seen.len() >= 10_000 {
+            seen.clear();
+        }
+        seen.insert(id)
+    }
+}
 
 /// What the stores' unit tests share.
 #[cfg(test)]
-mod testing {
+pub(crate) mod testing {
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
+    use std::fmt::Debug;
+    use std::future::Future;
+
     use super::Registration;
+    use super::{Applied, ClusterState, ServiceWrites, StoreError};
     use crate::record::Mac;
+    use crate::service::alloc::{AllocError, Ranges};
+    use crate::service::model::{self, Kind, Object, ObjectRef};
+    use crate::service::Snapshot;
 
     /// A fresh directory, removed on drop.
     pub struct TempDir(pub PathBuf);
@@ -165,5 +411,224 @@ mod testing {
             panic!("{test} cannot run here ({why}) and FERRY_REQUIRE_ALL forbids skipping");
         }
         println!("skipped: {test}: {why}");
+    }
+
+    /// A NodePort Service and its slice.
+    pub const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.5], conditions: {ready: true}}]
+ports: [{name: http, port: 8080}]
+"#;
+
+    pub fn objs(yaml: &str) -> Vec<Object> {
+        model::parse(yaml).unwrap()
+    }
+
+    /// `metadata.name` `name`, `spec` as given (YAML flow).
+    pub fn svc(name: &str, spec: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    /// Room for six Services and three node ports.
+    pub fn small() -> Ranges {
+        Ranges {
+            service_cidr: "10.96.0.0/29".parse().unwrap(),
+            node_ports: 30000..=30002,
+        }
+    }
+
+    pub fn said(applied: &[Applied]) -> Vec<String> {
+        applied
+            .iter()
+            .map(|a| format!("{} {}", a.object, a.change))
+            .collect()
+    }
+
+    pub fn service_ref(key: &str) -> ObjectRef {
+        ObjectRef::parse(Kind::Service, key).unwrap()
+    }
+
+    pub fn cluster_ip(snap: &Snapshot, key: &str) -> String {
+        let spec = snap.services[key].spec.as_ref().unwrap();
+        spec.cluster_ip.clone().unwrap()
+    }
+
+    pub fn node_ports(snap: &Snapshot, key: &str) -> Vec<i32> {
+        let spec = snap.services[key].spec.as_ref().unwrap();
+        spec.ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.node_port)
+            .collect()
+    }
+
+    /// Apply, re-apply, reconfigure, ranges: what both stores must do alike.
+    pub async fn round_trip(s: &(impl ClusterState + ServiceWrites)) {
+        assert_eq!(s.ranges().await.unwrap(), None);
+        assert_eq!(s.services().await.unwrap(), Snapshot::default());
+        let applied = s.apply(objs(WEB), &small()).await.unwrap();
+        assert_eq!(
+            said(&applied),
+            [
+                "service/default/web created",
+                "endpointslice/default/web-1 created"
+            ]
+        );
+        assert_eq!(
+            s.ranges().await.unwrap(),
+            Some(small()),
+            "an apply records the ranges it allocated from"
+        );
+        let first = s.services().await.unwrap();
+        assert_eq!(cluster_ip(&first, "default/web"), "10.96.0.1");
+        assert_eq!(node_ports(&first, "default/web"), [30000]);
+        let slice = &first.slices["default/web-1"];
+        assert_eq!(
+            slice.endpoints.as_ref().unwrap()[0].addresses,
+            ["10.244.1.5"]
+        );
+
+        // The same documents again: nothing changes, allocations are kept.
+        let again = s.apply(objs(WEB), &small()).await.unwrap();
+        assert_eq!(
+            said(&again),
+            [
+                "service/default/web unchanged",
+                "endpointslice/default/web-1 unchanged"
+            ]
+        );
+        assert_eq!(s.services().await.unwrap(), first);
+
+        // A port more: configured, the clusterIP and the first node port kept.
+        let two = svc(
+            "web",
+            "{type: NodePort, ports: [{name: http, port: 80}, {name: https, port: 443}]}",
+        );
+        let applied = s.apply(objs(&two), &small()).await.unwrap();
+        assert_eq!(said(&applied), ["service/default/web configured"]);
+        let now = s.services().await.unwrap();
+        assert_eq!(cluster_ip(&now, "default/web"), "10.96.0.1");
+        assert_eq!(node_ports(&now, "default/web"), [30000, 30001]);
+
+        // The stored ranges win over a fallback: 10.100.0.1 is inside the
+        // default /12 but outside the stored /29.
+        let outside = s
+            .apply(
+                objs(&svc("b", "{clusterIP: 10.100.0.1}")),
+                &Ranges::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                outside,
+                StoreError::ServiceAlloc(AllocError::OutsideCidr { .. })
+            ),
+            "{outside}"
+        );
+
+        // Ranges: the same again is fine, others are refused naming both.
+        s.publish_ranges(&small()).await.unwrap();
+        let e = s.publish_ranges(&Ranges::default()).await.unwrap_err();
+        let msg = e.to_string();
+        for part in ["10.96.0.0/29", "30000-30002", "10.96.0.0/12", "30000-32767"] {
+            assert!(msg.contains(part), "{part} missing in: {msg}");
+        }
+        assert_eq!(s.ranges().await.unwrap(), Some(small()));
+    }
+
+    /// Every refused apply leaves the store as it was, byte for byte
+    /// (`dump` reads all of it).
+    pub async fn refusals_write_nothing<S, F, D>(s: &S, dump: impl Fn() -> F)
+    where
+        S: ClusterState + ServiceWrites,
+        F: Future<Output = D>,
+        D: PartialEq + Debug,
+    {
+        s.apply(objs(WEB), &small()).await.unwrap();
+        let before = dump().await;
+        let fresh = svc("fresh", "{ports: [{port: 80}]}");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                fresh.clone() + &svc("b", "{clusterIP: 10.96.0.1}"),
+                "spec.clusterIP 10.96.0.1 is already taken by Service default/web",
+            ),
+            (
+                fresh.clone() + &svc("b", "{clusterIP: 10.97.0.1}"),
+                "spec.clusterIP 10.97.0.1 is outside the service CIDR 10.96.0.0/29",
+            ),
+            (
+                fresh.clone() + &svc("b", "{type: NodePort, ports: [{port: 1, nodePort: 30000}]}"),
+                "spec.ports[0].nodePort 30000 is already taken by Service default/web",
+            ),
+            (
+                fresh.clone() + &svc("b", "{type: NodePort, ports: [{port: 1, nodePort: 31000}]}"),
+                "spec.ports[0].nodePort 31000 is outside the node-port range 30000-30002",
+            ),
+            (
+                fresh.clone() + &fresh,
+                "service/default/fresh appears more than once",
+            ),
+            (
+                (0..6).map(|i| svc(&format!("n{i}"), "{}")).collect(),
+                "no free address left",
+            ),
+            (
+                svc("web", "{clusterIP: 10.96.0.5}"),
+                "spec.clusterIP is immutable",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let e = s.apply(objs(&yaml), &small()).await.unwrap_err();
+            assert!(e.to_string().contains(want), "{e}, wanted {want:?}");
+            assert_eq!(dump().await, before, "after {want:?}");
+        }
+    }
+
+    /// Deleting a Service deletes nothing else; a missing one is reported.
+    pub async fn deletes(s: &(impl ClusterState + ServiceWrites)) {
+        s.apply(objs(WEB), &small()).await.unwrap();
+        let slice = ObjectRef::parse(Kind::EndpointSlice, "web-1").unwrap();
+        let gone = s
+            .delete(&[service_ref("web"), service_ref("prod/nope")])
+            .await
+            .unwrap();
+        assert_eq!(gone, [true, false]);
+        let snap = s.services().await.unwrap();
+        assert!(snap.services.is_empty());
+        assert_eq!(snap.slices.keys().collect::<Vec<_>>(), ["default/web-1"]);
+        assert_eq!(s.delete(std::slice::from_ref(&slice)).await.unwrap(), [true]);
+        assert_eq!(s.delete(&[slice]).await.unwrap(), [false]);
+        assert_eq!(s.services().await.unwrap(), Snapshot::default());
+        // The address is free again.
+        s.apply(objs(&svc("other", "{}")), &small()).await.unwrap();
+        let snap = s.services().await.unwrap();
+        assert_eq!(cluster_ip(&snap, "default/other"), "10.96.0.1");
+    }
+
+    /// `changed()` stays quiet without writes, then resolves after one.
+    pub async fn wakes_on(s: &impl ClusterState, write: impl Future<Output = ()>) {
+        use std::time::Duration;
+        use tokio::time::timeout;
+        // Drain what earlier writes (and a watch start) left.
+        while timeout(Duration::from_millis(300), s.changed())
+            .await
+            .is_ok()
+        {}
+        write.await;
+        timeout(Duration::from_secs(5), s.changed())
+            .await
+            .expect("changed() did not resolve after a write");
     }
 }
