@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 
+use crate::service::alloc::Ranges;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ferryd",
@@ -127,6 +129,14 @@ pub struct RunArgs {
     /// error, warn, info, debug or trace [default: info].
     #[arg(long, env = "FERRYD_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Where Services' clusterIPs come from; kept in the store, which
+    /// refuses another one [default: 10.96.0.0/12].
+    #[arg(long, env = "FERRYD_SERVICE_CIDR")]
+    pub service_cidr: Option<Ipv4Network>,
+    /// Where Services' node ports come from, FIRST-LAST; kept in the
+    /// store like the service CIDR [default: 30000-32767].
+    #[arg(long, env = "FERRYD_NODEPORT_RANGE")]
+    pub nodeport_range: Option<String>,
 }
 
 macro_rules! layer {
@@ -170,7 +180,9 @@ impl RunArgs {
             run_dir,
             reconcile_interval,
             lease_ttl,
-            log_level
+            log_level,
+            service_cidr,
+            nodeport_range
         ))
     }
 }
@@ -286,6 +298,8 @@ pub struct Settings {
     pub reconcile_interval: Duration,
     pub lease_ttl: Duration,
     pub log_level: tracing::Level,
+    /// `--service-cidr` and `--nodeport-range`.
+    pub service_ranges: Ranges,
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -421,6 +435,25 @@ impl Settings {
                 )))
             }
         };
+        let defaults = Ranges::default();
+        let service_cidr = a.service_cidr.unwrap_or(defaults.service_cidr);
+        let nodeport_range = a
+            .nodeport_range
+            .unwrap_or_else(|| defaults.node_ports_text());
+        let service_ranges = Ranges::new(service_cidr, &nodeport_range).map_err(|e| {
+            let flag = if e.starts_with("service CIDR") {
+                "--service-cidr"
+            } else {
+                "--nodeport-range"
+            };
+            bad(format!("{flag}: {e}"))
+        })?;
+        // Overlapping, a ClusterIP could be a pod's address.
+        if service_cidr.overlaps(cluster_cidr) {
+            return Err(bad(format!(
+                "--service-cidr {service_cidr} overlaps --cluster-cidr {cluster_cidr}"
+            )));
+        }
         Ok(Settings {
             node_name,
             underlay,
@@ -444,6 +477,7 @@ impl Settings {
             reconcile_interval,
             lease_ttl,
             log_level,
+            service_ranges,
         })
     }
 
@@ -483,6 +517,92 @@ mod tests {
         assert!(s.masquerade && !s.direct_routing);
         assert_eq!(s.underlay, UnderlaySpec::Auto);
         assert_eq!(s.ready_file(), PathBuf::from("/run/ferry/ready"));
+        assert_eq!(s.service_ranges, Ranges::default());
+    }
+
+    #[test]
+    fn service_ranges_from_flags_env_and_file() {
+        let s = Settings::resolve(
+            args(&[
+                "--service-cidr",
+                "10.100.0.0/16",
+                "--nodeport-range",
+                "31000-31999",
+            ]),
+            "h",
+        )
+        .unwrap();
+        assert_eq!(s.service_ranges.service_cidr.to_string(), "10.100.0.0/16");
+        assert_eq!(s.service_ranges.node_ports, 31000..=31999);
+
+        let dir = std::env::temp_dir().join(format!("ferryd-cfg-ranges-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.json");
+        std::fs::write(
+            &f,
+            r#"{"service-cidr": "10.101.0.0/16", "nodeport-range": "1000-2000"}"#,
+        )
+        .unwrap();
+        let a = args(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--nodeport-range",
+            "3000-4000",
+        ])
+        .with_config_file()
+        .unwrap();
+        let s = Settings::resolve(a, "h").unwrap();
+        assert_eq!(s.service_ranges.service_cidr.to_string(), "10.101.0.0/16");
+        assert_eq!(
+            s.service_ranges.node_ports,
+            3000..=4000,
+            "the flag wins over the file"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn service_ranges_env() {
+        // Through clap's env handling, as FERRYD_* variables are read. A
+        // variable no other test sets, so that tests running at once do
+        // not see it.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let envs: Vec<_> = run
+            .get_arguments()
+            .filter(|a| ["service_cidr", "nodeport_range"].contains(&a.get_id().as_str()))
+            .map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(
+            envs,
+            [
+                Some("FERRYD_SERVICE_CIDR".into()),
+                Some("FERRYD_NODEPORT_RANGE".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_service_ranges_are_clear() {
+        let err = |a: &[&str]| Settings::resolve(args(a), "h").unwrap_err().0;
+        assert_eq!(
+            err(&["--service-cidr", "10.96.0.1/12"]),
+            "--service-cidr: service CIDR 10.96.0.1/12: host bits set (did you mean 10.96.0.0/12?)"
+        );
+        assert!(err(&["--service-cidr", "10.96.0.0/31"]).contains("too small"));
+        assert!(err(&["--service-cidr", "10.244.0.0/20"]).contains("overlaps --cluster-cidr"));
+        assert_eq!(
+            err(&["--nodeport-range", "32767-30000"]),
+            "--nodeport-range: node-port range \"32767-30000\": 32767 is above 30000 (the range is inverted)"
+        );
+        assert!(err(&["--nodeport-range", "0-10"]).contains("outside 1..=65535"));
+        assert!(err(&["--nodeport-range", "30000-65536"]).contains("port 65536 is outside"));
+        assert!(err(&["--nodeport-range", "30000"]).starts_with("--nodeport-range:"));
+        // Not a CIDR at all: clap refuses it, naming the flag.
+        let e = Cli::try_parse_from(["ferryd", "run", "--service-cidr", "10.96.0.0/33"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--service-cidr"), "{e}");
     }
 
     #[test]
