@@ -1,0 +1,5 @@
+//! ferryctl: see [`ferryd::ctl`].
+
+fn main() -> std::process::ExitCode {
+    ferryd::ctl::main()
+}
