@@ -139,6 +139,23 @@ pub fn build_bins(package: &str, profile_dir: &Path) {
     }
 }
 
+/// The built `ferryctl` (built once per test process, like the plugins).
+pub fn ferryctl_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = bin_dir().to_path_buf();
+        build_bins("ferry-daemon", &dir);
+        let bin = dir.join("ferryctl");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run `cargo build --workspace`",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
 fn check_bins(dir: PathBuf) -> PathBuf {
     for bin in ["ferry", "ferry-ipam"] {
         assert!(
