@@ -608,7 +608,10 @@ ports: [{name: http, port: 8080}]
         let snap = s.services().await.unwrap();
         assert!(snap.services.is_empty());
         assert_eq!(snap.slices.keys().collect::<Vec<_>>(), ["default/web-1"]);
-        assert_eq!(s.delete(std::slice::from_ref(&slice)).await.unwrap(), [true]);
+        assert_eq!(
+            s.delete(std::slice::from_ref(&slice)).await.unwrap(),
+            [true]
+        );
         assert_eq!(s.delete(&[slice]).await.unwrap(), [false]);
         assert_eq!(s.services().await.unwrap(), Snapshot::default());
         // The address is free again.
