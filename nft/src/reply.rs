@@ -29,7 +29,12 @@ const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_USERDATA: u16 = 6;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFT_MSG_NEWRULE: u8 = 6;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_USERDATA: u16 = 7;
 
 /// The attributes in `b` as (type without flags, value); stops at the first
 /// malformed one.
@@ -66,6 +71,8 @@ pub struct DumpedElem {
     pub value: Option<Vec<u8>>,
     /// The chain a verdict map's element jumps or goes to.
     pub chain: Option<String>,
+    /// A verdict map's verdict code (NF_DROP 0, NF_ACCEPT 1, NFT_GOTO -4...).
+    pub verdict: Option<i32>,
     /// The userdata comment.
     pub comment: Option<String>,
 }
@@ -86,15 +93,19 @@ fn parse_elem(e: &[u8]) -> Option<DumpedElem> {
     let value = data
         .and_then(|d| nla(d, NFTA_DATA_VALUE))
         .map(<[u8]>::to_vec);
-    let chain = data
-        .and_then(|d| nla(d, NFTA_DATA_VERDICT))
+    let verdict_attrs = data.and_then(|d| nla(d, NFTA_DATA_VERDICT));
+    let chain = verdict_attrs
         .and_then(|v| nla(v, NFTA_VERDICT_CHAIN))
         .and_then(nla_str);
+    let verdict = verdict_attrs
+        .and_then(|v| nla(v, NFTA_VERDICT_CODE))
+        .and_then(|c| Some(i32::from_be_bytes(c.try_into().ok()?)));
     let comment = nla(e, NFTA_SET_ELEM_USERDATA).and_then(crate::parse_comment_udata);
     Some(DumpedElem {
         key: key.to_vec(),
         value,
         chain,
+        verdict,
         comment,
     })
 }
@@ -121,6 +132,19 @@ pub fn chain_names(msgs: &[RawMsg], table: &str) -> Vec<String> {
 /// Names of the sets of `table` in a set dump (anonymous ones included).
 pub fn set_names(msgs: &[RawMsg], table: &str) -> Vec<String> {
     names(msgs, NFT_MSG_NEWSET, NFTA_SET_TABLE, NFTA_SET_NAME, table)
+}
+
+/// Every rule of `table` in a rule dump, in order: its chain and its
+/// userdata, if any.
+pub fn rule_tags(msgs: &[RawMsg], table: &str) -> Vec<(String, Option<Vec<u8>>)> {
+    msgs.iter()
+        .filter(|m| m.kind == NFT_MSG_NEWRULE)
+        .filter(|m| nla(&m.attrs, NFTA_RULE_TABLE).and_then(nla_str).as_deref() == Some(table))
+        .filter_map(|m| {
+            let chain = nla(&m.attrs, NFTA_RULE_CHAIN).and_then(nla_str)?;
+            Some((chain, nla(&m.attrs, NFTA_RULE_USERDATA).map(<[u8]>::to_vec)))
+        })
+        .collect()
 }
 
 /// NFTA_TABLE_USE of a GETTABLE reply: how many chains, sets, objects and

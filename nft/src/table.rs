@@ -17,6 +17,7 @@ use crate::Req;
 /// nf_tables' data type of verdict maps (`NFT_DATA_VERDICT`).
 pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NF_ACCEPT: u32 = 1;
+const NF_DROP: u32 = 0;
 
 /// One `inet` table by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +68,8 @@ pub enum ElemData {
     Value(Vec<u8>),
     Goto(String),
     Jump(String),
+    /// The `drop` verdict.
+    Drop,
 }
 
 /// One set or map element.
@@ -103,6 +106,9 @@ impl Elem {
             }
             ElemData::Goto(c) => a.push(SetElementAttribute::Data(verdict(Verdict::Goto, c))),
             ElemData::Jump(c) => a.push(SetElementAttribute::Data(verdict(Verdict::Jump, c))),
+            ElemData::Drop => a.push(SetElementAttribute::Data(DataAttribute::Verdict(vec![
+                VerdictAttribute::Code(Verdict::Other(NF_DROP)),
+            ]))),
         }
         if let Some(c) = &self.comment {
             a.push(SetElementAttribute::UserData(crate::comment_udata(c)));
@@ -234,6 +240,30 @@ impl Table {
             NLM_F_CREATE | NLM_F_APPEND,
             format!("add rule inet {} {chain} ({what})", self.name),
         )
+    }
+
+    /// Appends a rule that carries `udata` (NFTA_RULE_USERDATA): a tag
+    /// that a later dump reads back ([`crate::reply::rule_tags`]).
+    pub fn add_rule_tagged(
+        &self,
+        chain: &str,
+        exprs: Vec<Expressions>,
+        what: &str,
+        udata: Vec<u8>,
+    ) -> Req {
+        let mut r = self.add_rule(chain, exprs, what);
+        if let NfTablesMessage::NewRule(m) = &mut r.msg {
+            m.attributes.push(RuleAttribute::UserData(udata));
+        }
+        r
+    }
+
+    /// Dump of every rule of this table.
+    pub fn dump_rules(&self) -> Req {
+        let msg = NfTablesMessage::GetRule(RuleMessage {
+            attributes: vec![RuleAttribute::Table(self.name.clone())],
+        });
+        req(msg, NLM_F_DUMP, format!("list rules inet {}", self.name))
     }
 
     /// `add set`/`add map`: no EXCL, an existing identical set is fine.

@@ -1160,3 +1160,4 @@ pub fn result_host_veth(result: &Value) -> String {
         .to_string()
 }
 pub mod cluster;
+pub mod traffic;

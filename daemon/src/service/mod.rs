@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub mod alloc;
+pub mod datapath;
 pub mod model;
 pub mod plan;
 pub mod render;

@@ -12,7 +12,8 @@
 //! map service-nodeports     { inet_proto . inet_service : verdict }              # on the node's own addresses
 //! map no-endpoint-services  { ipv4_addr . inet_proto . inet_service : verdict }  # -> goto reject
 //! map no-endpoint-nodeports { inet_proto . inet_service : verdict }
-//! set cluster-ips           { ipv4_addr }            # any other port of a ClusterIP is rejected
+//! set cluster-ips           { ipv4_addr }            # any port of a ClusterIP not in
+//! set service-ports         { ipv4_addr . inet_proto . inet_service }  # is rejected
 //! set hairpin               { ipv4_addr . ipv4_addr } # (endpoint, endpoint) of local endpoints
 //! chain svc-<hash>  { dnat to numgen random mod N map { 0 : ep0 . port, ... } }   # internal traffic
 //! chain ext-<hash>  { [ct mark set ct mark | 0x4000]; dnat ... }                  # external traffic
@@ -32,16 +33,20 @@ pub enum MapName {
     NoEndpointIps,
     NoEndpointPorts,
     ClusterIps,
+    /// Every `ClusterIP . proto . port` a Service has: any other port of a
+    /// ClusterIP is refused.
+    ServicePorts,
     Hairpin,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 6] = [
+    pub const ALL: [MapName; 7] = [
         MapName::ServiceIps,
         MapName::NodePorts,
         MapName::NoEndpointIps,
         MapName::NoEndpointPorts,
         MapName::ClusterIps,
+        MapName::ServicePorts,
         MapName::Hairpin,
     ];
 
@@ -52,6 +57,7 @@ impl MapName {
             MapName::NoEndpointIps => "no-endpoint-services",
             MapName::NoEndpointPorts => "no-endpoint-nodeports",
             MapName::ClusterIps => "cluster-ips",
+            MapName::ServicePorts => "service-ports",
             MapName::Hairpin => "hairpin",
         }
     }
@@ -222,6 +228,7 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
     for ip in &p.cluster_ips {
         rs.put(MapName::ClusterIps, ip.octets().to_vec(), Target::Member);
         let key = ip_proto_port(*ip, p.proto, p.port);
+        rs.put(MapName::ServicePorts, key.clone(), Target::Member);
         match &internal {
             Some(t) => rs.put(MapName::ServiceIps, key, t.clone()),
             None => rs.put(MapName::NoEndpointIps, key, reject.clone()),
@@ -363,7 +370,7 @@ mod tests {
         let ip = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string();
         let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]).to_string();
         match map {
-            MapName::ServiceIps | MapName::NoEndpointIps => {
+            MapName::ServiceIps | MapName::NoEndpointIps | MapName::ServicePorts => {
                 format!("{} . {} . {}", ip(&k[0..4]), k[4], port(&k[8..10]))
             }
             MapName::NodePorts | MapName::NoEndpointPorts => {
