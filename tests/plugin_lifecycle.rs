@@ -118,6 +118,7 @@ fn check_add_result(host: &Host, pod: &Netns, id: &str, r: &Value, version: &str
         bridge.contains(&"fd77:1::1/64".to_string()),
         "bridge addrs {bridge:?}"
     );
+    assert_bridge_nf_call(host, "fbr0", &ctx);
     let default4 = pod.ok(&["ip", "-4", "route", "show", "default"]);
     assert!(
         default4.contains("via 10.77.1.1"),
@@ -128,6 +129,44 @@ fn check_add_result(host: &Host, pod: &Netns, id: &str, r: &Value, version: &str
         default6.contains("via fd77:1::1"),
         "pod default route: {default6}"
     );
+}
+
+/// The bridge's own bridge-netfilter switches are on: a Service reply from
+/// a pod to a client on the same bridge is un-DNATed only then.
+fn assert_bridge_nf_call(host: &Host, bridge: &str, ctx: &str) {
+    let link = host.ns.link(bridge).expect("bridge exists");
+    let data = &link["linkinfo"]["info_data"];
+    for key in ["nf_call_iptables", "nf_call_ip6tables"] {
+        assert_eq!(data[key], 1, "{bridge} {key}: {ctx}: {data}");
+    }
+}
+
+/// A bridge that exists without them (made by the reference plugin, an
+/// admin, an older ferry) gets them on the next ADD.
+#[test]
+fn existing_bridge_gets_nf_call() {
+    if !require_root() {
+        return;
+    }
+    let host = Host::new();
+    host.ns.ok(&[
+        "ip",
+        "link",
+        "add",
+        "fbr0",
+        "type",
+        "bridge",
+        "nf_call_iptables",
+        "0",
+        "nf_call_ip6tables",
+        "0",
+    ]);
+    let conf = ferry_net(&host, "1.1.0", "10.77.1.0/24", None, json!({}));
+    let pod = host.pod();
+    let r = host.cni(&Cni::add("pod1", &pod), &conf).ok();
+    assert_bridge_nf_call(&host, "fbr0", "after ADD on an existing bridge");
+    host.cni(&Cni::del("pod1", &pod), &with_prev(&conf, &r))
+        .ok();
 }
 
 #[test]

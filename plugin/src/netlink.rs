@@ -62,6 +62,10 @@ pub struct Link {
     pub up: bool,
     pub kind: Option<InfoKind>,
     pub controller: Option<u32>,
+    /// A bridge's own bridge-netfilter switches (nf_call_iptables,
+    /// nf_call_ip6tables); `None` when the kernel reports neither (not a
+    /// bridge, or a kernel built without bridge netfilter).
+    pub bridge_nf_call: Option<(bool, bool)>,
 }
 
 pub struct Netlink {
@@ -205,14 +209,42 @@ impl Netlink {
         }
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Bridge),
-            // Without this the bridge waits for STP-less forwarding delay
-            // before new ports forward; the reference sets it the same way.
-            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::ForwardDelay(0)])),
+            // Without ForwardDelay 0 the bridge waits for STP-less
+            // forwarding delay before new ports forward; the reference sets
+            // it the same way. NfCall*: see `set_bridge_nf_call`.
+            LinkInfo::Data(InfoData::Bridge(vec![
+                InfoBridge::ForwardDelay(0),
+                InfoBridge::NfCallIpTables(true),
+                InfoBridge::NfCallIp6Tables(true),
+            ])),
         ]));
         self.request(
             "create bridge",
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Turn on a bridge's own bridge-netfilter switches, so that frames it
+    /// forwards between its ports pass the IP hooks: a Service reply from a
+    /// pod to a client on the same bridge is un-DNATed only then, whatever
+    /// the namespace's net.bridge.bridge-nf-call-* sysctls say (off, or
+    /// absent, on many hosts). Bridge attributes change through NEWLINK on
+    /// the existing link (SETLINK ignores IFLA_LINKINFO).
+    pub fn set_bridge_nf_call(&mut self, index: u32) -> NlResult<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![
+                InfoBridge::NfCallIpTables(true),
+                InfoBridge::NfCallIp6Tables(true),
+            ])),
+        ]));
+        self.request(
+            "set bridge nf_call_iptables",
+            RouteNetlinkMessage::NewLink(msg),
+            0,
         )
     }
 
@@ -370,6 +402,7 @@ fn link_from(l: &LinkMessage) -> Link {
         up: l.header.flags.contains(LinkFlags::Up),
         kind: None,
         controller: None,
+        bridge_nf_call: None,
     };
     for attr in &l.attributes {
         match attr {
@@ -379,8 +412,23 @@ fn link_from(l: &LinkMessage) -> Link {
             LinkAttribute::Controller(c) => link.controller = Some(*c),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    if let LinkInfo::Kind(k) = info {
-                        link.kind = Some(k.clone());
+                    match info {
+                        LinkInfo::Kind(k) => link.kind = Some(k.clone()),
+                        LinkInfo::Data(InfoData::Bridge(data)) => {
+                            for d in data {
+                                let nf = &mut link.bridge_nf_call;
+                                match d {
+                                    InfoBridge::NfCallIpTables(on) => {
+                                        nf.get_or_insert((false, false)).0 = *on
+                                    }
+                                    InfoBridge::NfCallIp6Tables(on) => {
+                                        nf.get_or_insert((false, false)).1 = *on
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

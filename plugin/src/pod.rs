@@ -164,6 +164,13 @@ pub fn ensure_bridge(nl: &mut Netlink, bc: &BridgeConfig) -> CniResult<Link> {
             format!("{} exists and is not a bridge", bc.bridge),
         ));
     }
+    // Read from the lookup above: no extra round trip once they are on (a
+    // bridge ferry created has them from birth). `None`: this kernel has no
+    // bridge netfilter, nothing to switch on.
+    if matches!(link.bridge_nf_call, Some(nf) if nf != (true, true)) {
+        nl.set_bridge_nf_call(link.index)
+            .map_err(|e| kernel_error("cannot enable bridge netfilter on the bridge", e))?;
+    }
     let mut want = LinkFlags::Up;
     if bc.promisc_mode {
         want |= LinkFlags::Promisc;
