@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod conflist;
+pub mod conntrack;
 pub mod ctl;
 pub mod daemon;
 pub mod health;
