@@ -3,13 +3,15 @@
 //!
 //! - **membership**: registration and lease renewal; publishes this node's
 //!   record (and whether it left) on a `watch` channel;
-//! - **sources**: the latest snapshot of what the store knows (nodes), on a
-//!   `watch` channel: the latest value wins, a burst of writes is one pass;
-//! - **reconcilers** (overlay, masquerade): each turns the snapshots into
+//! - **sources**: the latest snapshot of what the store knows (nodes, and
+//!   Services with their EndpointSlices), on `watch` channels: the latest
+//!   value wins, a burst of writes is one pass;
+//! - **reconcilers** (overlay, masquerade, Services): each turns the snapshots into
 //!   desired state, diffs against the kernel, applies, on changes and on its
 //!   own timer, and reports its gate; one failing never stalls another;
-//! - **readiness**: the composition of the gates that matter for pods; it
-//!   writes the conflist and the readiness file `ferry STATUS` checks.
+//! - **readiness**: the composition of the gates that matter for pods (the
+//!   overlay and masquerade; never Services); it writes the conflist and
+//!   the readiness file `ferry STATUS` checks.
 //!
 //! Stopping leaves the datapath in place; a restarted ferryd computes the
 //! same desired state and finds nothing to change.
@@ -32,6 +34,7 @@ use crate::health::{self, Status};
 use crate::kernel::{self, KernelError, Underlay};
 use crate::overlay::{self, Local, Params};
 use crate::record::{Mac, NodeRecord};
+use crate::service::Snapshot;
 use crate::store::{ClusterState, Membership, Registration, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +254,13 @@ pub async fn run<S: Store>(
     // configuration error the user must see.
     let rec = store.register(&reg).await?;
     reg.prefer = Some(rec.subnet);
+    // The service CIDR and node-port range live in the store, so that
+    // ferryctl allocates from what ferryd programs; a store that holds
+    // others is a configuration error.
+    store.publish_ranges(&s.service_ranges).await?;
+    if let Ok(mut sn) = status.subnet.lock() {
+        *sn = rec.subnet.to_string();
+    }
     tracing::info!(node = %rec.node, subnet = %rec.subnet, underlay = %format!("{} ({})", underlay.ip, underlay.name), vtep_mac = %rec.vtep_mac, "registered");
 
     if let Some(l) = listener {
@@ -265,6 +275,7 @@ pub async fn run<S: Store>(
     let store = Arc::new(store);
     let (member_tx, member) = watch::channel(Member { rec, left: false });
     let (nodes_tx, nodes) = watch::channel(None);
+    let (services_tx, services) = watch::channel(None);
     let (gates_tx, gates) = watch::channel(Gates::default());
     let (reregister_tx, reregister) = mpsc::channel(1);
     tokio::spawn(membership(
@@ -275,10 +286,17 @@ pub async fn run<S: Store>(
         reregister,
         status.clone(),
     ));
-    tokio::spawn(node_source(
+    tokio::spawn(cluster_source(
         store,
         s.reconcile_interval,
         nodes_tx,
+        services_tx,
+        status.clone(),
+    ));
+    tokio::spawn(crate::service::reconciler::run(
+        s.node_name.clone(),
+        s.reconcile_interval,
+        services,
         status.clone(),
     ));
     tokio::spawn(overlay_reconciler(
@@ -369,13 +387,17 @@ async fn register<S: Membership>(
     }
 }
 
-/// Publishes the live node records: after every store change (a burst of
-/// writes settles into one read) and on the reconcile timer. An unreachable
-/// store keeps the last snapshot: the kernel keeps the last known overlay.
-async fn node_source<S: ClusterState>(
+/// Publishes the live node records and the Services with their slices:
+/// after every store change (a burst of writes settles into one read) and
+/// on the reconcile timer. One task reads both: a store's change signal
+/// wakes one waiter. A snapshot equal to the last is not sent again, so a
+/// lease renewal does not make the Services reconciler work. An unreachable
+/// store keeps the last snapshots: the kernel keeps the last known state.
+async fn cluster_source<S: ClusterState>(
     store: Arc<S>,
     every: Duration,
     nodes: watch::Sender<Option<Arc<Vec<NodeRecord>>>>,
+    services: watch::Sender<Option<Arc<Snapshot>>>,
     status: Arc<Status>,
 ) {
     let mut resync = ticker(every);
@@ -389,8 +411,23 @@ async fn node_source<S: ClusterState>(
                 tracing::warn!("reading the store: {e}; keeping the last known nodes");
             }
         }
-        // A change that lands while the list is read is seen by the next
-        // list: `changed` only has to wake us, not carry the change.
+        match store.services().await {
+            Ok(snap) => {
+                services.send_if_modified(|cur| {
+                    if cur.as_deref() == Some(&snap) {
+                        return false;
+                    }
+                    *cur = Some(Arc::new(snap));
+                    true
+                });
+            }
+            Err(e) => {
+                status.store_errors.fetch_add(1, Relaxed);
+                tracing::warn!("reading Services from the store: {e}; keeping the last known ones");
+            }
+        }
+        // A change that lands while the store is read is seen by the next
+        // read: `changed` only has to wake us, not carry the change.
         tokio::select! {
             _ = store.changed() => tokio::time::sleep(Duration::from_millis(20)).await,
             _ = resync.tick() => {}

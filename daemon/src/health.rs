@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +21,22 @@ pub struct Status {
     pub last_reconcile_micros: AtomicU64,
     pub last_success_unix: AtomicU64,
     pub store_errors: AtomicU64,
+    /// This node's pod subnet, once registered.
+    pub subnet: Mutex<String>,
+    pub services: ServicesStatus,
+}
+
+/// What the Services reconciler last did.
+#[derive(Debug, Default)]
+pub struct ServicesStatus {
+    pub syncs: AtomicU64,
+    pub errors: AtomicU64,
+    /// Service ports and the endpoints behind them, as programmed.
+    pub ports: AtomicU64,
+    pub endpoints: AtomicU64,
+    pub last_sync_micros: AtomicU64,
+    pub last_sync_unix: AtomicU64,
+    pub last_error: Mutex<String>,
 }
 
 impl Status {
@@ -77,6 +93,37 @@ impl Status {
                 self.last_reconcile_micros.load(Relaxed) as f64 / 1e6
             ),
         );
+        let sv = &self.services;
+        m(
+            "ferryd_service_syncs_total",
+            "counter",
+            "Services datapath syncs.",
+            sv.syncs.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_service_sync_errors_total",
+            "counter",
+            "Failed Services datapath syncs.",
+            sv.errors.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_service_ports",
+            "gauge",
+            "Service ports programmed.",
+            sv.ports.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_service_endpoints",
+            "gauge",
+            "Endpoints behind the programmed Service ports.",
+            sv.endpoints.load(Relaxed).to_string(),
+        );
+        m(
+            "ferryd_last_service_sync_duration_seconds",
+            "gauge",
+            "Duration of the last Services sync.",
+            format!("{:.6}", sv.last_sync_micros.load(Relaxed) as f64 / 1e6),
+        );
         m(
             "ferryd_last_success_timestamp_seconds",
             "gauge",
@@ -84,6 +131,32 @@ impl Status {
             self.last_success_unix.load(Relaxed).to_string(),
         );
         s
+    }
+
+    /// `/status`: what `ferryctl status` shows.
+    pub fn json(&self) -> String {
+        let sv = &self.services;
+        let text = |m: &Mutex<String>| m.lock().map(|s| s.clone()).unwrap_or_default();
+        serde_json::json!({
+            "ready": self.ready.load(Relaxed),
+            "subnet": text(&self.subnet),
+            "peers": self.peers.load(Relaxed),
+            "reconciles": self.reconciles.load(Relaxed),
+            "reconcileErrors": self.reconcile_errors.load(Relaxed),
+            "storeErrors": self.store_errors.load(Relaxed),
+            "lastReconcileUnix": self.last_success_unix.load(Relaxed),
+            "services": {
+                "ports": sv.ports.load(Relaxed),
+                "endpoints": sv.endpoints.load(Relaxed),
+                "syncs": sv.syncs.load(Relaxed),
+                "errors": sv.errors.load(Relaxed),
+                "lastSyncUnix": sv.last_sync_unix.load(Relaxed),
+                "lastSyncSeconds": sv.last_sync_micros.load(Relaxed) as f64 / 1e6,
+                "lastError": text(&sv.last_error),
+            },
+        })
+        .to_string()
+            + "\n"
     }
 
     /// Status line and body for a request path.
@@ -101,19 +174,29 @@ impl Status {
             "/readyz" if self.ready.load(Relaxed) => ("200 OK", TEXT, "ready\n".into()),
             "/readyz" => ("503 Service Unavailable", TEXT, "not ready\n".into()),
             "/metrics" => ("200 OK", "text/plain; version=0.0.4", self.metrics()),
+            "/status" => ("200 OK", "application/json", self.json()),
             _ => ("404 Not Found", TEXT, "not found\n".into()),
         }
     }
 }
 
-/// Serves forever on `listener`.
+/// What answers a request: (status line, content type, body) for a method
+/// and path.
+pub type Responder = Arc<dyn Fn(&str, &str) -> (&'static str, &'static str, String) + Send + Sync>;
+
+/// Serves `/healthz`, `/readyz`, `/metrics` and `/status` forever.
 pub async fn serve(listener: TcpListener, status: Arc<Status>) {
+    serve_with(listener, Arc::new(move |m, p| status.respond(m, p))).await
+}
+
+/// A tiny HTTP/1.1 responder: one request per connection.
+pub async fn serve_with(listener: TcpListener, respond: Responder) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let status = status.clone();
+        let status = respond.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -137,7 +220,7 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>) {
             let head = String::from_utf8_lossy(&buf[..n]);
             let mut parts = head.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (code, ctype, body) = status.respond(method, path);
+            let (code, ctype, body) = status(method, path);
             let body = if method == "HEAD" {
                 String::new()
             } else {
@@ -169,5 +252,10 @@ mod tests {
         let m = s.respond("GET", "/metrics").2;
         assert!(m.contains("ferryd_ready 1\n"), "{m}");
         assert!(m.contains("# TYPE ferryd_reconciles_total counter"));
+        *s.subnet.lock().unwrap() = "10.244.1.0/24".into();
+        s.services.ports.store(3, Relaxed);
+        let j: serde_json::Value = serde_json::from_str(&s.respond("GET", "/status").2).unwrap();
+        assert_eq!(j["subnet"], "10.244.1.0/24");
+        assert_eq!(j["services"]["ports"], 3);
     }
 }

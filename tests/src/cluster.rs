@@ -419,6 +419,52 @@ impl Cluster {
         c.wait().ok().and_then(|s| s.code())
     }
 
+    /// `ferryctl --store <this cluster's store> <args>` run in node 0's
+    /// namespace (etcd is reachable only from the cluster's namespaces),
+    /// with `stdin` on its standard input.
+    pub fn ferryctl(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        use std::io::Write;
+        let bin = crate::ferryctl_bin();
+        let store = self.store_arg();
+        let mut argv = vec![bin.to_str().unwrap(), "--store", &store];
+        argv.extend(args);
+        let mut child = self.nodes[0]
+            .ns
+            .command(&argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferryctl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `ferryctl apply -f -` of `yaml`; panics unless it succeeds.
+    pub fn apply(&self, yaml: &str) -> String {
+        let out = self.ferryctl(&["apply", "-f", "-"], yaml);
+        assert!(
+            out.status.success(),
+            "ferryctl apply failed: {}\n{yaml}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Gives every node a default route through the underlay's outside
+    /// host, as real nodes have: the kernel picks a source for a node's own
+    /// connections to a ClusterIP from the route to it.
+    pub fn default_routes(&self) {
+        for n in &self.nodes {
+            n.ns.ok(&["ip", "route", "replace", "default", "via", OUTSIDE_IP]);
+        }
+    }
+
     /// `ferryd leave` for node `i`, run from node `j`'s namespace.
     pub fn leave(&self, i: usize, from: usize) {
         let out = self.nodes[from]

@@ -19,6 +19,7 @@ pub mod alloc;
 pub mod datapath;
 pub mod model;
 pub mod plan;
+pub mod reconciler;
 pub mod render;
 
 /// Everything a source knows about load balancing, as the Services
