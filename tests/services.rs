@@ -191,6 +191,28 @@ fn clusterip_from_pods_and_nodes_nodeport_from_outside() {
     // ClusterIP traffic still goes to both.
     let t = names(&ask(f.pod(2), CIP, 80, 40, false, 0, T));
     assert_eq!(t.keys().cloned().collect::<Vec<_>>(), ["a", "b"], "{t:?}");
+
+    // What the node says it programmed.
+    let out = f.c.nodes[0]
+        .ns
+        .exec(&[ferry_e2e::ferryctl_bin().to_str().unwrap(), "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Services:           1 ports, 2 endpoints"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "Subnet:             {}",
+            f.c.nodes[0].subnet().unwrap()
+        )),
+        "{text}"
+    );
 }
 
 #[test]
@@ -383,4 +405,44 @@ fn ferryd_kill_and_restart_keeps_an_established_connection() {
     let second = std::fs::read_to_string(n.log_path(2)).unwrap();
     assert!(first.contains("rebuilt=true"), "{first}");
     assert!(!second.contains("rebuilt=true"), "{second}");
+}
+
+#[test]
+fn load_balancer_with_local_policy_answers_health_checks() {
+    if !require_root() {
+        return;
+    }
+    let f = Fixture::new(StoreKind::File);
+    let spec = "  type: LoadBalancer\n  externalTrafficPolicy: Local";
+    f.c.apply(&f.web(spec, &[(0, "")]));
+    // ferryctl allocated the health-check node port, as the API server does.
+    let out = f.c.ferryctl(&["get", "services", "-o", "json"], "");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hc = list["items"][0]["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("healthCheckNodePort allocated");
+    let get = |node: usize| {
+        let url = format!("http://{}:{hc}/", f.node_ip(node));
+        let script = format!(
+            "import urllib.request,urllib.error\ntry:\n r=urllib.request.urlopen('{url}',timeout=2);print(r.status, r.read().decode().strip())\nexcept urllib.error.HTTPError as e:\n print(e.code, e.read().decode().strip())\nexcept OSError as e:\n print('error', e)"
+        );
+        let o = f.c.underlay.exec(&[ferry_e2e::python3(), "-c", &script]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // node1 has the endpoint, node2 has none.
+    let mut last = (String::new(), String::new());
+    let ok = wait_until(Duration::from_secs(15), || {
+        last = (get(0), get(1));
+        last.0.starts_with("200 ") && last.1.starts_with("503 ")
+    });
+    assert!(ok, "{last:?}\n{}", f.c.logs());
+    assert!(last.0.contains(r#""localEndpoints":1"#), "{}", last.0);
+    assert!(last.1.contains(r#""localEndpoints":0"#), "{}", last.1);
+    // The endpoint moves to node2: the answers swap.
+    f.c.apply(&f.web(spec, &[(1, "")]));
+    let ok = wait_until(Duration::from_secs(15), || {
+        last = (get(0), get(1));
+        last.0.starts_with("503 ") && last.1.starts_with("200 ")
+    });
+    assert!(ok, "{last:?}");
 }

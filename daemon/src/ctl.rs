@@ -63,6 +63,23 @@ pub enum Cmd {
     Delete(DeleteArgs),
     /// List Services or EndpointSlices.
     Get(GetArgs),
+    /// This node's ferryd: subnet, peers, Services programmed, last sync.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// ferryd's health address (its --health-addr).
+    #[arg(long, env = "FERRYD_HEALTH_ADDR", default_value = "127.0.0.1:9475")]
+    pub ferryd: String,
+    /// Print ferryd's JSON as it is.
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<StatusFormat>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusFormat {
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +201,10 @@ pub enum Job {
         kind: Kind,
         output: Option<Format>,
     },
+    Status {
+        ferryd: String,
+        json: bool,
+    },
 }
 
 fn read_source(file: &str, stdin: &mut dyn Read) -> Result<(String, String), CtlError> {
@@ -237,6 +258,10 @@ impl Job {
                 kind: g.resource.kind(),
                 output: g.output,
             },
+            Cmd::Status(a) => Job::Status {
+                ferryd: a.ferryd,
+                json: a.output.is_some(),
+            },
         })
     }
 }
@@ -288,6 +313,7 @@ pub async fn exec<S: ClusterState + ServiceWrites>(
                 return Err(CtlError(format!("{} not found", missing.join(", "))));
             }
         }
+        Job::Status { .. } => unreachable!("status does not use the store"),
         Job::Get { kind, output } => {
             let snap = store.services().await?;
             let empty = match kind {
@@ -316,6 +342,15 @@ pub async fn run(
     err: &mut dyn Write,
 ) -> Result<(), CtlError> {
     let job = Job::prepare(cli.cmd, stdin)?;
+    if let Job::Status { ferryd, json } = &job {
+        let body = fetch_status(ferryd).await?;
+        let text = if *json {
+            body
+        } else {
+            status_text(&body).map_err(|e| CtlError(format!("{ferryd}/status: {e}")))?
+        };
+        return out.write_all(text.as_bytes()).map_err(io_err);
+    }
     match StoreSpec::parse(&cli.store)? {
         StoreSpec::File(dir) => exec(&FileStore::open(&dir)?, job, out, err).await,
         StoreSpec::Etcd(urls) => {
@@ -323,6 +358,79 @@ pub async fn run(
             exec(&store, job, out, err).await
         }
     }
+}
+
+/// GET /status from ferryd's health server (HTTP/1.1, one request).
+async fn fetch_status(addr: &str) -> Result<String, CtlError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |e: &dyn std::fmt::Display| {
+        CtlError(format!("cannot reach ferryd at {addr} (--ferryd): {e}"))
+    };
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: ferryd\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).into_owned())
+    };
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(5), io)
+        .await
+        .map_err(|_| fail(&"no answer in 5 s"))?
+        .map_err(|e| fail(&e))?;
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        Some((head, _)) => Err(fail(&head.lines().next().unwrap_or(""))),
+        None => Err(fail(&"not an HTTP answer")),
+    }
+}
+
+/// ferryd's /status JSON for people.
+pub fn status_text(body: &str) -> Result<String, String> {
+    let v: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    let sv = &v["services"];
+    let when = |t: &Value| match t.as_u64() {
+        Some(0) | None => "never".to_string(),
+        Some(t) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(t);
+            format!("{}s ago", now.saturating_sub(t))
+        }
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<20}{v}\n"));
+    line("Ready:", v["ready"].to_string());
+    line("Subnet:", v["subnet"].as_str().unwrap_or("").to_string());
+    line("Peers:", v["peers"].to_string());
+    line(
+        "Overlay:",
+        format!(
+            "last reconciled {}, {} errors, {} store errors",
+            when(&v["lastReconcileUnix"]),
+            v["reconcileErrors"],
+            v["storeErrors"]
+        ),
+    );
+    line(
+        "Services:",
+        format!("{} ports, {} endpoints", sv["ports"], sv["endpoints"]),
+    );
+    line(
+        "Last Services sync:",
+        format!(
+            "{}, took {:.1} ms ({} syncs, {} errors)",
+            when(&sv["lastSyncUnix"]),
+            sv["lastSyncSeconds"].as_f64().unwrap_or(0.0) * 1e3,
+            sv["syncs"],
+            sv["errors"]
+        ),
+    );
+    if let Some(e) = sv["lastError"].as_str().filter(|e| !e.is_empty()) {
+        line("Last error:", e.to_string());
+    }
+    Ok(out)
 }
 
 /// `ferryctl`'s `main`.
@@ -735,6 +843,25 @@ prod        np-1    np        <unset>
             "<stdin>: Service default/other: spec.clusterIP 10.96.0.1 is already taken by Service default/web"
         );
         assert_eq!(out, "");
+    }
+
+    #[test]
+    fn status_for_people() {
+        let body = r#"{"ready":true,"subnet":"10.244.1.0/24","peers":2,"reconciles":5,
+            "reconcileErrors":0,"storeErrors":1,"lastReconcileUnix":0,
+            "services":{"ports":3,"endpoints":7,"syncs":4,"errors":1,"lastSyncUnix":0,
+            "lastSyncSeconds":0.0021,"lastError":"nftables: boom"}}"#;
+        let t = status_text(body).unwrap();
+        for want in [
+            "Subnet:             10.244.1.0/24\n",
+            "Peers:              2\n",
+            "Services:           3 ports, 7 endpoints\n",
+            "took 2.1 ms (4 syncs, 1 errors)",
+            "Last error:         nftables: boom\n",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
+        assert!(status_text("nope").is_err());
     }
 
     #[test]

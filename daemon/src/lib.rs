@@ -1,8 +1,10 @@
 //! ferryd: the ferry node daemon.
 //!
-//! Store events → desired state (pure, [`overlay::desired`]) → diff against
-//! what the kernel holds (pure, [`overlay::diff`]) → apply (netlink, one
-//! `nft -f` transaction). See DESIGN.md.
+//! Store snapshots → desired state (pure: [`overlay::desired`],
+//! [`service::render`], [`masq`]) → diff against what the kernel holds or
+//! what was last written (pure) → apply over netlink (links, routes,
+//! neighbours; nftables in one transaction). See DESIGN.md and
+//! [`daemon`] for the tasks.
 
 pub mod config;
 pub mod conflist;

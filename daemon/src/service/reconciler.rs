@@ -139,7 +139,11 @@ struct UdpFlows {
 impl UdpFlows {
     async fn clean(&mut self, p: &Plan, first: bool) {
         let mut now: BTreeMap<(Ipv4Addr, u16), BTreeSet<Ep>> = BTreeMap::new();
-        for pp in p.ports.iter().filter(|pp| pp.proto == nft::expr::IPPROTO_UDP) {
+        for pp in p
+            .ports
+            .iter()
+            .filter(|pp| pp.proto == nft::expr::IPPROTO_UDP)
+        {
             let eps = |t: &Targets| match t {
                 Targets::Endpoints(e) => e.iter().copied().collect(),
                 _ => BTreeSet::new(),
@@ -155,9 +159,7 @@ impl UdpFlows {
         // after a start: flows from before it may point anywhere).
         let work: Vec<((Ipv4Addr, u16), BTreeSet<Ep>)> = now
             .iter()
-            .filter(|(k, eps)| {
-                first || self.last.get(*k).is_some_and(|old| !old.is_subset(eps))
-            })
+            .filter(|(k, eps)| first || self.last.get(*k).is_some_and(|old| !old.is_subset(eps)))
             .map(|(k, v)| (*k, v.clone()))
             .collect();
         // Addresses that are gone altogether.
