@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # ferry demo: 3 nodes x 2 pods, all in network namespaces this script makes,
-# on the file store. Shows the cross-node ping matrix and a TCP transfer, then
-# cleans up (--keep leaves everything up and prints how to look around).
+# on the file store. Shows the cross-node ping matrix, a TCP transfer, and a
+# Service (ferryctl apply) answering from endpoints on every node, by
+# ClusterIP and by NodePort from outside; then cleans up (--keep leaves
+# everything up and prints how to look around).
 #
 # Never touches the root network namespace: every link, address, route and
 # nft rule is created inside a namespace this script made (ip -n / ip netns
-# exec). Needs root, iproute2, nftables, iputils-ping, iperf3 (optional), jq.
+# exec). Needs root, iproute2, nftables, iputils-ping, iperf3 (optional), jq,
+# python3 (the demo's little servers); scripts/deps.sh installs them.
 set -euo pipefail
 
 KEEP=0
@@ -17,7 +20,7 @@ for a in "$@"; do
         --keep) KEEP=1 ;;
         --nodes=*) NODES=${a#*=} ;;
         --pods=*) PODS=${a#*=} ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "unknown argument $a" >&2; exit 2 ;;
     esac
 done
@@ -61,7 +64,9 @@ info "binaries in $BIN"
 step "underlay: a bridge in namespace $UL, one veth per node (192.168.77.0/24)"
 mkns "$UL"
 ip -n "$UL" link add br0 type bridge
+ip -n "$UL" addr add 192.168.77.254/24 dev br0
 ip -n "$UL" link set br0 up
+info "the underlay namespace is also the 'outside' host, 192.168.77.254"
 for i in $(seq 1 "$NODES"); do
     N="$ID-n$i"
     mkns "$N"
@@ -69,6 +74,7 @@ for i in $(seq 1 "$NODES"); do
     ip -n "$UL" link set "v$i" master br0 up
     ip -n "$N" addr add "192.168.77.$((10 + i))/24" dev eth0
     ip -n "$N" link set eth0 up
+    ip -n "$N" route add default via 192.168.77.254
     info "node$i: namespace $N, underlay eth0 192.168.77.$((10 + i))"
 done
 
@@ -151,12 +157,74 @@ else
     info "iperf3 not installed; skipping"
 fi
 
+step "a Service with an endpoint on every node (ferryctl apply)"
+# Each node's first pod answers every connection with its name.
+for i in $(seq 1 "$NODES"); do
+    ip netns exec "$ID-n$i-p1" python3 -c "
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 8080)); s.listen(64)
+while True:
+    c, a = s.accept(); c.sendall(b'node$i/pod1'); c.close()
+" &
+    PIDS+=($!)
+done
+{
+    cat <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: hello}
+spec:
+  type: NodePort
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: hello-1, labels: {kubernetes.io/service-name: hello}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+YAML
+    for i in $(seq 1 "$NODES"); do
+        echo "- {addresses: [${POD_IP[$ID-n$i-p1]}], nodeName: node$i}"
+    done
+} >"$TMP/hello.yaml"
+sed 's/^/      /' "$TMP/hello.yaml"
+CTL=("$BIN/ferryctl" --store "file:$TMP/store")
+"${CTL[@]}" apply -f "$TMP/hello.yaml" 2>&1 | sed 's/^/    /'
+"${CTL[@]}" get services | sed 's/^/    /'
+CIP=$("${CTL[@]}" get services -o json | jq -r '.items[0].spec.clusterIP')
+NPORT=$("${CTL[@]}" get services -o json | jq -r '.items[0].spec.ports[0].nodePort')
+ask() { # netns ip port count: who answered, counted
+    ip netns exec "$1" python3 -c "
+import socket, collections
+n = collections.Counter()
+for _ in range($4):
+    try:
+        s = socket.create_connection(('$2', $3), timeout=2); n[s.recv(64).decode().strip()] += 1; s.close()
+    except OSError as e:
+        n[type(e).__name__] += 1
+print(', '.join('%s: %d' % kv for kv in sorted(n.items())))
+"
+}
+CLIENT="$ID-n1-p$PODS"
+for _ in $(seq 50); do
+    [[ $(ask "$CLIENT" "$CIP" 80 1) == node* ]] && break
+    sleep 0.1
+done
+info "30 requests from ${CLIENT#"$ID"-} to $CIP:80 (ClusterIP): $(ask "$CLIENT" "$CIP" 80 30)"
+info "30 requests from outside (192.168.77.254) to node2's 192.168.77.12:$NPORT (NodePort): $(ask "$UL" 192.168.77.12 "$NPORT" 30)"
+info "node1's status (ferryctl status):"
+ip netns exec "$ID-n1" "$BIN/ferryctl" status | sed 's/^/      /'
+
 if [[ $KEEP == 1 ]]; then
     step "left running (--keep). Look around:"
     info "ip netns list | grep $ID"
     info "ip netns exec $ID-n1 ip route show proto 0xfe"
     info "ip netns exec $ID-n1 bridge fdb show dev ferry.1"
     info "ip netns exec $ID-n1 nft list table inet ferry"
+    info "ip netns exec $ID-n1 nft list table inet ferry-svc"
+    info "$BIN/ferryctl --store file:$TMP/store get services"
     info "ip netns exec $ID-n1-p1 ping ${POD_IP[$ID-n$NODES-p$PODS]}"
     info "logs: $TMP/node*/ferryd.log ; ferryd pids: ${PIDS[*]}"
     info "clean up: kill ${PIDS[*]}; for n in \$(ip netns list | awk '{print \$1}' | grep '^$ID-'); do ip netns delete \$n; done; rm -rf $TMP"

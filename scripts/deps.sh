@@ -34,13 +34,14 @@ ferry_build_deps() {
 # What the demos need: the build, plus the tools they run.
 ferry_demo_deps() {
   ferry_build_deps
-  ferry_need ip:iproute2 nft:nftables ping:iputils-ping jq:jq iperf3:iperf3
+  ferry_need ip:iproute2 nft:nftables ping:iputils-ping jq:jq iperf3:iperf3 \
+    /usr/bin/python3:python3
 }
 
 # Everything the tests and benchmarks run against.
 ferry_install_deps() {
   ferry_demo_deps
   ferry_need conntrack:conntrack iptables:iptables etcd:etcd-server \
-    sysctl:procps /usr/bin/python3:python3 /usr/lib/cni/bridge:containernetworking-plugins \
+    sysctl:procps /usr/lib/cni/bridge:containernetworking-plugins \
     podman:podman /usr/share/doc/busybox-static:busybox-static
 }
