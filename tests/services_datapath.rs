@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use ferry_e2e::traffic::{ask, assert_fair, tally, who_server, Answer};
 use ferry_e2e::{require_root, Netns};
 use ferryd::service::datapath::{Datapath, SyncStats};
-use ferryd::service::model::{key, parse, Object};
 use ferryd::service::plan::plan;
 use ferryd::service::render::render;
 use ferryd::service::Snapshot;
@@ -92,26 +91,7 @@ impl Node {
 }
 
 fn snapshot(yaml: &str) -> Snapshot {
-    let mut s = Snapshot::default();
-    for o in parse(yaml).expect("valid test YAML") {
-        match o {
-            Object::Service(svc) => {
-                let k = key(
-                    svc.metadata.namespace.as_deref(),
-                    svc.metadata.name.as_deref().unwrap(),
-                );
-                s.services.insert(k, *svc);
-            }
-            Object::EndpointSlice(es) => {
-                let k = key(
-                    es.metadata.namespace.as_deref(),
-                    es.metadata.name.as_deref().unwrap(),
-                );
-                s.slices.insert(k, *es);
-            }
-        }
-    }
-    s
+    Snapshot::from_documents(yaml).expect("valid test YAML")
 }
 
 /// Service `web` on 10.96.0.10:80 → port 8080 of the given pods, with

@@ -32,7 +32,7 @@
 //! a node without a route for the service CIDR still answers with a
 //! refusal rather than "network unreachable".
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use netlink_packet_netfilter::nftables::{
@@ -44,10 +44,9 @@ use nft::expr::{self, reg32, Key, Reg, SetLookup};
 use nft::reply;
 use nft::{Chain, Elem, ElemData, Hook, Nfnl, NftError, Req, SetRef, SetSpec, Table};
 
-use super::plan::Ep;
 use super::render::{
-    ep_data, ep_from_data, fingerprint, Changes, MapName, Rule, Ruleset, Target, Written,
-    AFFINITY_PREFIX, EXT_PREFIX, REJECT_CHAIN, SVC_PREFIX,
+    ep_from_data, fingerprint, Changes, MapName, Rule, Ruleset, Target, Written, AFFINITY_PREFIX,
+    EXT_PREFIX, REJECT_CHAIN, SVC_PREFIX,
 };
 
 pub const TABLE: &str = "ferry-svc";
@@ -133,7 +132,7 @@ impl Batch {
 
 fn map_spec(m: MapName, id: u32) -> SetSpec {
     use expr::{concat_type as cat, TYPE_INET_PROTOCOL as P, TYPE_INET_SERVICE as S};
-    use expr::{TYPE_IPV4_ADDR as A, TYPE_VERDICT};
+    use expr::{TYPE_INTEGER as I, TYPE_IPV4_ADDR as A, TYPE_VERDICT};
     let verdict = Some((nft::NFT_DATA_VERDICT, 0));
     let (key_type, key_len, data) = match m {
         MapName::ServiceIps | MapName::NoEndpointIps => (cat(&[A, P, S]), 12, verdict),
@@ -141,6 +140,9 @@ fn map_spec(m: MapName, id: u32) -> SetSpec {
         MapName::NodePorts | MapName::NoEndpointPorts => (cat(&[P, S]), 8, verdict),
         MapName::ClusterIps => (A, 4, None),
         MapName::Hairpin => (cat(&[A, A]), 8, None),
+        // chain key (8 bytes) . index : endpoint; chain key . endpoint.
+        MapName::Endpoints => (cat(&[I, I]), 12, Some((cat(&[A, S]), 8))),
+        MapName::ChainEndpoints => (cat(&[I, A, S]), 16, None),
     };
     let _ = TYPE_VERDICT;
     SetSpec {
@@ -398,50 +400,6 @@ fn affinity_spec(name: &str, timeout_s: u32, id: u32) -> SetSpec {
     }
 }
 
-/// An anonymous constant map `index : endpoint` for `numgen`, or (with
-/// `set_only`) the set of the endpoints.
-fn anon_eps(b: &mut Batch, eps: &[Ep], set_only: bool) -> (String, u32) {
-    use expr::{concat_type, TYPE_INET_SERVICE, TYPE_INTEGER, TYPE_IPV4_ADDR};
-    let id = b.id();
-    let ep_type = concat_type(&[TYPE_IPV4_ADDR, TYPE_INET_SERVICE]);
-    let name = if set_only { "__set%d" } else { "__map%d" };
-    let spec = SetSpec {
-        name: name.into(),
-        id,
-        flags: SetFlags::Anonymous
-            | SetFlags::Constant
-            | if set_only {
-                SetFlags::empty()
-            } else {
-                SetFlags::Map
-            },
-        key_type: if set_only { ep_type } else { TYPE_INTEGER },
-        key_len: if set_only { 8 } else { 4 },
-        data: (!set_only).then_some((ep_type, 8)),
-        timeout_ms: None,
-        udata: Vec::new(),
-    };
-    b.reqs.push(b.t.add_set(&spec));
-    let elems: Vec<Elem> = eps
-        .iter()
-        .enumerate()
-        .map(|(i, ep)| {
-            if set_only {
-                Elem::key(ep_data(*ep))
-            } else {
-                Elem {
-                    // numgen writes its number in host byte order.
-                    key: (i as u32).to_ne_bytes().to_vec(),
-                    data: ElemData::Value(ep_data(*ep)),
-                    comment: None,
-                }
-            }
-        })
-        .collect();
-    b.add_elems(SetRef::New(&spec), &elems);
-    (name.into(), id)
-}
-
 fn chain_rules(b: &mut Batch, chain: &str, rules: &[Rule]) {
     let mut out: Vec<(Vec<Expressions>, &str)> = Vec::new();
     for r in rules {
@@ -461,28 +419,25 @@ fn chain_rules(b: &mut Batch, chain: &str, rules: &[Rule]) {
                     "ct mark set ct mark | 0x4000",
                 ));
             }
-            Rule::Dnat { eps, affinity } => {
-                let n = eps.len() as u32;
-                let (map, map_id) = anon_eps(b, eps, false);
-                let map = SetLookup {
-                    name: &map,
-                    id: Some(map_id),
-                };
+            Rule::Dnat {
+                key,
+                count,
+                affinity,
+            } => {
+                let eps = b.set(MapName::Endpoints.name());
+                let key = key.to_be_bytes().to_vec();
                 match affinity {
                     None => out.push((
                         vec![
-                            expr::numgen_random(n, Reg::Reg1),
-                            expr::lookup_map(map, Reg::Reg1, Reg::Reg1),
-                            expr::dnat_v4(Reg::Reg1, Some(reg32(1))),
+                            expr::load_immediate(reg32(0), key),
+                            expr::numgen_random(*count, reg32(2)),
+                            expr::lookup_map(eps, reg32(0), reg32(0)),
+                            expr::dnat_v4(reg32(0), Some(reg32(1))),
                         ],
-                        "dnat to numgen random map",
+                        "dnat to key . numgen random map @endpoints",
                     )),
                     Some(aff) => {
-                        let (set, set_id) = anon_eps(b, eps, true);
-                        let current = SetLookup {
-                            name: &set,
-                            id: Some(set_id),
-                        };
+                        let current = b.set(MapName::ChainEndpoints.name());
                         let aff = SetLookup {
                             name: aff,
                             id: b.ids.get(aff.as_str()).copied(),
@@ -491,10 +446,11 @@ fn chain_rules(b: &mut Batch, chain: &str, rules: &[Rule]) {
                         // still current: refresh its timeout, same endpoint.
                         out.push((
                             vec![
-                                expr::ip_saddr(reg32(0)),
-                                expr::lookup_map(aff, reg32(0), reg32(2)),
-                                expr::lookup(current, reg32(2)),
-                                expr::dynset_update(aff, reg32(0), Some(reg32(2))),
+                                expr::ip_saddr(reg32(4)),
+                                expr::lookup_map(aff, reg32(4), reg32(2)),
+                                expr::load_immediate(reg32(0), key.clone()),
+                                expr::lookup(current, reg32(0)),
+                                expr::dynset_update(aff, reg32(4), Some(reg32(2))),
                                 expr::dnat_v4(reg32(2), Some(reg32(3))),
                             ],
                             "saddr map @affinity (current endpoint) dnat",
@@ -502,13 +458,14 @@ fn chain_rules(b: &mut Batch, chain: &str, rules: &[Rule]) {
                         // Otherwise choose and pin.
                         out.push((
                             vec![
-                                expr::numgen_random(n, reg32(2)),
-                                expr::lookup_map(map, reg32(2), reg32(2)),
-                                expr::ip_saddr(reg32(0)),
-                                expr::dynset_update(aff, reg32(0), Some(reg32(2))),
+                                expr::load_immediate(reg32(0), key),
+                                expr::numgen_random(*count, reg32(2)),
+                                expr::lookup_map(eps, reg32(0), reg32(2)),
+                                expr::ip_saddr(reg32(4)),
+                                expr::dynset_update(aff, reg32(4), Some(reg32(2))),
                                 expr::dnat_v4(reg32(2), Some(reg32(3))),
                             ],
-                            "dnat to numgen random map, pinned in @affinity",
+                            "dnat to key . numgen random map @endpoints, pinned in @affinity",
                         ));
                     }
                 }
@@ -526,6 +483,7 @@ fn elem(key: &[u8], t: &Target) -> Elem {
             Target::Goto(c) => ElemData::Goto(c.clone()),
             Target::Drop => ElemData::Drop,
             Target::Member => ElemData::None,
+            Target::Value(v) => ElemData::Value(v.clone()),
         },
         comment: None,
     }
@@ -543,7 +501,7 @@ fn requests(c: &Changes, new: &Ruleset, rebuild: Option<bool>) -> Vec<Req> {
     }
     for name in &c.add_affinity {
         let id = b.id();
-        b.add_set(affinity_spec(name, new.affinity[name], id));
+        b.add_set(affinity_spec(name, new.affinity[name].timeout_s, id));
     }
     for name in &c.write_chains {
         // CREATE without EXCL, then flush: the same requests create a new
@@ -615,9 +573,10 @@ fn observe(nl: &mut Nfnl) -> Result<Option<Option<Written>>, NftError> {
         let elems = reply::parse_elems(&nl.request(&t.dump_elems(m.name()))?);
         let map = w.elems.entry(m).or_default();
         for e in elems {
-            let target = match (e.chain, e.verdict) {
-                (Some(c), _) => Target::Goto(c),
-                (None, Some(0)) => Target::Drop,
+            let target = match (e.chain, e.verdict, e.value) {
+                (Some(c), _, _) => Target::Goto(c),
+                (None, Some(0), _) => Target::Drop,
+                (None, None, Some(v)) => Target::Value(v),
                 _ => Target::Member,
             };
             map.insert(e.key, target);
@@ -627,7 +586,8 @@ fn observe(nl: &mut Nfnl) -> Result<Option<Option<Written>>, NftError> {
     w.affinity = sets
         .into_iter()
         .filter(|s| s.starts_with(AFFINITY_PREFIX))
-        .collect::<BTreeSet<_>>();
+        .map(|s| (s, None))
+        .collect();
     Ok(Some(Some(w)))
 }
 
@@ -682,7 +642,8 @@ impl Datapath {
             }
         };
         stats.rebuilt = rebuild.is_some();
-        let changes = super::render::diff(&base, new);
+        let written = new.written();
+        let changes = super::render::diff(&base, &written);
         if !changes.is_empty() || rebuild.is_some() {
             let reqs = requests(&changes, new, rebuild);
             stats.requests = reqs.len();
@@ -692,7 +653,7 @@ impl Datapath {
         stats.chains_deleted = changes.del_chains.len();
         stats.elements_changed = changes.elements();
         self.prune_affinity(&changes, new)?;
-        self.written = Some(new.written());
+        self.written = Some(written);
         stats.took = t0.elapsed();
         Ok(stats)
     }
@@ -702,41 +663,29 @@ impl Datapath {
     /// existing element's value): remove those entries.
     fn prune_affinity(&mut self, c: &Changes, new: &Ruleset) -> Result<(), NftError> {
         let t = table();
-        for chain in &c.write_chains {
-            for rule in &new.chains[chain] {
-                let Rule::Dnat {
-                    eps,
-                    affinity: Some(set),
-                } = rule
-                else {
-                    continue;
-                };
-                if c.add_affinity.contains(set) {
-                    continue;
-                }
-                let current: BTreeSet<Ep> = eps.iter().copied().collect();
-                let stale: Vec<Elem> = match self.nl.request(&t.dump_elems(set)) {
-                    Ok(r) => reply::parse_elems(&r)
-                        .into_iter()
-                        .filter(|e| {
-                            e.value
-                                .as_deref()
-                                .and_then(ep_from_data)
-                                .is_none_or(|ep| !current.contains(&ep))
-                        })
-                        .map(|e| Elem::key(e.key))
-                        .collect(),
-                    Err(e) if missing(&e) => continue,
-                    Err(e) => return Err(e),
-                };
-                if !stale.is_empty() {
-                    let mut b = Batch::new();
-                    b.del_elems(set, &stale);
-                    match self.nl.batch(&b.reqs) {
-                        // An entry that timed out meanwhile.
-                        Err(e) if missing(&e) => {}
-                        r => r?,
-                    }
+        for set in &c.prune_affinity {
+            let current = &new.affinity[set].eps;
+            let stale: Vec<Elem> = match self.nl.request(&t.dump_elems(set)) {
+                Ok(r) => reply::parse_elems(&r)
+                    .into_iter()
+                    .filter(|e| {
+                        e.value
+                            .as_deref()
+                            .and_then(ep_from_data)
+                            .is_none_or(|ep| !current.contains(&ep))
+                    })
+                    .map(|e| Elem::key(e.key))
+                    .collect(),
+                Err(e) if missing(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if !stale.is_empty() {
+                let mut b = Batch::new();
+                b.del_elems(set, &stale);
+                match self.nl.batch(&b.reqs) {
+                    // An entry that timed out meanwhile.
+                    Err(e) if missing(&e) => {}
+                    r => r?,
                 }
             }
         }
@@ -762,7 +711,7 @@ pub fn remove_table() -> Result<(), NftError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::plan::{Plan, PortPlan, Targets};
+    use crate::service::plan::{Ep, Plan, PortPlan, Targets};
     use crate::service::render::render;
 
     fn ep(s: &str, port: u16) -> Ep {
@@ -795,7 +744,7 @@ mod tests {
     #[test]
     fn full_build_is_one_ordered_transaction() {
         let rs = render(&plan(None));
-        let c = super::super::render::diff(&Written::default(), &rs);
+        let c = super::super::render::diff(&Written::default(), &rs.written());
         let reqs = requests(&c, &rs, Some(false));
         let what: Vec<&str> = reqs.iter().map(|r| r.what.as_str()).collect();
         assert!(what[0].starts_with("add table inet ferry-svc"));
@@ -813,7 +762,7 @@ mod tests {
     #[test]
     fn affinity_adds_its_set_before_the_rules_that_use_it() {
         let rs = render(&plan(Some(30)));
-        let c = super::super::render::diff(&Written::default(), &rs);
+        let c = super::super::render::diff(&Written::default(), &rs.written());
         let reqs = requests(&c, &rs, Some(false));
         let what: Vec<&str> = reqs.iter().map(|r| r.what.as_str()).collect();
         let set = what

@@ -31,6 +31,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The objects of a YAML or JSON text ([`model::parse`]).
+    pub fn from_documents(text: &str) -> Result<Snapshot, model::ModelError> {
+        let mut s = Snapshot::default();
+        for o in model::parse(text)? {
+            s.insert(o);
+        }
+        Ok(s)
+    }
+
     /// Adds (or replaces) `obj` under its `namespace/name`.
     pub fn insert(&mut self, obj: model::Object) {
         let key = obj.key();

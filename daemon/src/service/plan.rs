@@ -304,29 +304,9 @@ fn usable(eps: &[(&Endpoint, Ep)], keep: impl Fn(&Endpoint) -> bool) -> Vec<Ep> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::model::{parse, Object};
 
     fn snap(yaml: &str) -> Snapshot {
-        let mut s = Snapshot::default();
-        for o in parse(yaml).unwrap() {
-            match o {
-                Object::Service(svc) => {
-                    let k = super::super::model::key(
-                        svc.metadata.namespace.as_deref(),
-                        svc.metadata.name.as_deref().unwrap(),
-                    );
-                    s.services.insert(k, *svc);
-                }
-                Object::EndpointSlice(es) => {
-                    let k = super::super::model::key(
-                        es.metadata.namespace.as_deref(),
-                        es.metadata.name.as_deref().unwrap(),
-                    );
-                    s.slices.insert(k, *es);
-                }
-            }
-        }
-        s
+        Snapshot::from_documents(yaml).unwrap()
     }
 
     const WEB: &str = r#"

@@ -37,10 +37,16 @@ pub enum MapName {
     /// ClusterIP is refused.
     ServicePorts,
     Hairpin,
+    /// `chain key . index : endpoint` for every Service chain: what
+    /// `numgen` picks from.
+    Endpoints,
+    /// `chain key . endpoint`: the current endpoints of chains with
+    /// affinity (a pinned endpoint that is gone does not count).
+    ChainEndpoints,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 7] = [
+    pub const ALL: [MapName; 9] = [
         MapName::ServiceIps,
         MapName::NodePorts,
         MapName::NoEndpointIps,
@@ -48,6 +54,8 @@ impl MapName {
         MapName::ClusterIps,
         MapName::ServicePorts,
         MapName::Hairpin,
+        MapName::Endpoints,
+        MapName::ChainEndpoints,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +67,8 @@ impl MapName {
             MapName::ClusterIps => "cluster-ips",
             MapName::ServicePorts => "service-ports",
             MapName::Hairpin => "hairpin",
+            MapName::Endpoints => "endpoints",
+            MapName::ChainEndpoints => "chain-endpoints",
         }
     }
 }
@@ -70,6 +80,8 @@ pub enum Target {
     Drop,
     /// A plain set's element.
     Member,
+    /// A data map's value.
+    Value(Vec<u8>),
 }
 
 /// The chain that refuses connections at once (TCP RST, ICMP port
@@ -86,10 +98,17 @@ pub enum Rule {
     /// under `externalTrafficPolicy: Cluster`; the reply must come back
     /// through this node).
     MarkMasquerade,
-    /// DNAT to one of `eps`, each with the same chance; with an affinity
-    /// set, a client already in it goes to its endpoint again.
+    /// DNAT to one of the `count` endpoints the `endpoints` map holds
+    /// under `key` (the chain's own), each with the same chance; with an
+    /// affinity set, a client already in it goes to its endpoint again.
+    ///
+    /// The endpoints live in one map for all chains, not in a map per
+    /// chain: the kernel names anonymous sets and finds sets by name with
+    /// a walk over all of the table's sets, which made 10k per-chain maps
+    /// cost seconds in one transaction.
     Dnat {
-        eps: Vec<Ep>,
+        key: u64,
+        count: u32,
         affinity: Option<String>,
     },
 }
@@ -99,8 +118,15 @@ pub enum Rule {
 pub struct Ruleset {
     pub chains: BTreeMap<String, Vec<Rule>>,
     pub elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Target>>,
-    /// Affinity sets by name, with their timeout in seconds.
-    pub affinity: BTreeMap<String, u32>,
+    /// Affinity sets by name.
+    pub affinity: BTreeMap<String, Affinity>,
+}
+
+/// A ClientIP affinity set: its timeout and the endpoints it may pin to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Affinity {
+    pub timeout_s: u32,
+    pub eps: BTreeSet<Ep>,
 }
 
 /// What the kernel holds (or was last given), as far as a diff needs it:
@@ -109,13 +135,18 @@ pub struct Ruleset {
 pub struct Written {
     pub chains: BTreeMap<String, u64>,
     pub elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Target>>,
-    pub affinity: BTreeSet<String>,
+    /// Affinity sets by the fingerprint of their endpoints; `None` when
+    /// read from the kernel (unknown: its stale entries are looked for).
+    pub affinity: BTreeMap<String, Option<u64>>,
 }
 
-/// A chain's fingerprint, stored with its last rule (rule userdata) so that
-/// a dump tells whether the chain is what we would write.
-pub fn fingerprint(rules: &[Rule]) -> u64 {
-    nft::fnv1a64(format!("v1 {rules:?}").as_bytes())
+/// A fingerprint of `v`: FNV-1a over its `Hash` feed, stable for a given
+/// ferryd version. A chain's is stored with its last rule (rule userdata)
+/// so that a dump tells whether the chain is what we would write.
+pub fn fingerprint<T: std::hash::Hash + ?Sized>(v: &T) -> u64 {
+    let mut h = nft::Fnv64::default();
+    v.hash(&mut h);
+    std::hash::Hasher::finish(&h)
 }
 
 impl Ruleset {
@@ -127,7 +158,11 @@ impl Ruleset {
                 .map(|(n, r)| (n.clone(), fingerprint(r)))
                 .collect(),
             elems: self.elems.clone(),
-            affinity: self.affinity.keys().cloned().collect(),
+            affinity: self
+                .affinity
+                .iter()
+                .map(|(n, a)| (n.clone(), Some(fingerprint(&a.eps))))
+                .collect(),
         }
     }
 
@@ -152,6 +187,26 @@ pub fn proto_port(proto: u8, port: u16) -> Vec<u8> {
     let mut k = vec![proto, 0, 0, 0];
     k.extend(port.to_be_bytes());
     k.extend([0, 0]);
+    k
+}
+
+/// The key of a chain's endpoints in the shared maps.
+pub fn chain_key(chain: &str) -> u64 {
+    nft::fnv1a64(chain.as_bytes())
+}
+
+/// `chain key . index` of the `endpoints` map; the index in host byte
+/// order, as `numgen` writes it.
+pub fn endpoint_slot(key: u64, i: u32) -> Vec<u8> {
+    let mut k = key.to_be_bytes().to_vec();
+    k.extend(i.to_ne_bytes());
+    k
+}
+
+/// `chain key . endpoint` of the `chain-endpoints` set.
+pub fn chain_endpoint(key: u64, ep: Ep) -> Vec<u8> {
+    let mut k = key.to_be_bytes().to_vec();
+    k.extend(ep_data(ep));
     k
 }
 
@@ -192,10 +247,23 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
     // Each kind of traffic: where its elements point.
     let path = |rs: &mut Ruleset, chain: String, targets: &Targets, masq: bool| match targets {
         Targets::Endpoints(eps) => {
-            let affinity = p.affinity.map(|t| {
-                let name = format!("{AFFINITY_PREFIX}{}-{t}", &chain[..3]);
-                let name = format!("{name}-{h}");
-                rs.affinity.insert(name.clone(), t);
+            let key = chain_key(&chain);
+            for (i, ep) in eps.iter().enumerate() {
+                let slot = endpoint_slot(key, i as u32);
+                rs.put(MapName::Endpoints, slot, Target::Value(ep_data(*ep)));
+            }
+            let affinity = p.affinity.map(|timeout_s| {
+                let name = format!("{AFFINITY_PREFIX}{}-{timeout_s}-{h}", &chain[..3]);
+                for ep in eps {
+                    rs.put(
+                        MapName::ChainEndpoints,
+                        chain_endpoint(key, *ep),
+                        Target::Member,
+                    );
+                }
+                let eps = eps.iter().copied().collect();
+                rs.affinity
+                    .insert(name.clone(), Affinity { timeout_s, eps });
                 name
             });
             let mut rules = Vec::new();
@@ -203,7 +271,8 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
                 rules.push(Rule::MarkMasquerade);
             }
             rules.push(Rule::Dnat {
-                eps: eps.clone(),
+                key,
+                count: eps.len() as u32,
                 affinity,
             });
             rs.chains.insert(chain.clone(), rules);
@@ -269,6 +338,9 @@ pub struct Changes {
     pub add_elems: BTreeMap<MapName, Vec<(Vec<u8>, Target)>>,
     pub del_chains: Vec<String>,
     pub del_affinity: Vec<String>,
+    /// Affinity sets whose endpoints changed (or are unknown): entries
+    /// pinned to an endpoint that is gone are removed after the sync.
+    pub prune_affinity: Vec<String>,
 }
 
 impl Changes {
@@ -286,10 +358,10 @@ impl Changes {
 /// From `old` to `new`: chains whose fingerprint differs are rewritten,
 /// elements whose target differs are deleted and added again, and what
 /// `new` does not have goes.
-pub fn diff(old: &Written, new: &Ruleset) -> Changes {
+pub fn diff(old: &Written, new: &Written) -> Changes {
     let mut c = Changes::default();
-    for (name, rules) in &new.chains {
-        if old.chains.get(name) != Some(&fingerprint(rules)) {
+    for (name, fp) in &new.chains {
+        if old.chains.get(name) != Some(fp) {
             c.write_chains.push(name.clone());
         }
     }
@@ -299,15 +371,16 @@ pub fn diff(old: &Written, new: &Ruleset) -> Changes {
         .filter(|n| !new.chains.contains_key(*n))
         .cloned()
         .collect();
-    c.add_affinity = new
-        .affinity
-        .keys()
-        .filter(|n| !old.affinity.contains(*n))
-        .cloned()
-        .collect();
+    for (name, eps) in &new.affinity {
+        match old.affinity.get(name) {
+            None => c.add_affinity.push(name.clone()),
+            Some(old_eps) if old_eps != eps => c.prune_affinity.push(name.clone()),
+            Some(_) => {}
+        }
+    }
     c.del_affinity = old
         .affinity
-        .iter()
+        .keys()
         .filter(|n| !new.affinity.contains_key(*n))
         .cloned()
         .collect();
@@ -378,6 +451,26 @@ mod tests {
             }
             MapName::ClusterIps => ip(k),
             MapName::Hairpin => format!("{} . {}", ip(&k[0..4]), ip(&k[4..8])),
+            MapName::Endpoints => format!(
+                "{:016x} . {}",
+                u64::from_be_bytes(k[0..8].try_into().unwrap()),
+                u32::from_ne_bytes(k[8..12].try_into().unwrap())
+            ),
+            MapName::ChainEndpoints => format!(
+                "{:016x} . {}",
+                u64::from_be_bytes(k[0..8].try_into().unwrap()),
+                target_text(&Target::Value(k[8..].to_vec()))
+            ),
+        }
+    }
+
+    fn target_text(t: &Target) -> String {
+        match t {
+            Target::Value(v) => {
+                let e = ep_from_data(v).unwrap();
+                format!("{}:{}", e.ip, e.port)
+            }
+            t => format!("{t:?}"),
         }
     }
 
@@ -393,11 +486,11 @@ mod tests {
         for (map, elems) in &rs.elems {
             out += &format!("{}\n", map.name());
             for (k, t) in elems {
-                out += &format!("  {} -> {t:?}\n", key_text(*map, k));
+                out += &format!("  {} -> {}\n", key_text(*map, k), target_text(t));
             }
         }
-        for (name, t) in &rs.affinity {
-            out += &format!("affinity {name} timeout {t}s\n");
+        for (name, a) in &rs.affinity {
+            out += &format!("affinity {name} timeout {}s {:?}\n", a.timeout_s, a.eps);
         }
         out
     }
@@ -405,25 +498,7 @@ mod tests {
     #[test]
     fn golden_render() {
         let yaml = include_str!("../testdata/services.yaml");
-        let mut snap = Snapshot::default();
-        for o in crate::service::model::parse(yaml).unwrap() {
-            match o {
-                crate::service::model::Object::Service(s) => {
-                    let k = crate::service::model::key(
-                        s.metadata.namespace.as_deref(),
-                        s.metadata.name.as_deref().unwrap(),
-                    );
-                    snap.services.insert(k, *s);
-                }
-                crate::service::model::Object::EndpointSlice(s) => {
-                    let k = crate::service::model::key(
-                        s.metadata.namespace.as_deref(),
-                        s.metadata.name.as_deref().unwrap(),
-                    );
-                    snap.slices.insert(k, *s);
-                }
-            }
-        }
+        let snap = Snapshot::from_documents(yaml).unwrap();
         let got = listing(&render(&plan(&snap, "node1")));
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/testdata/services.golden");
         if std::env::var_os("FERRY_BLESS").is_some() {
@@ -490,26 +565,40 @@ mod tests {
             health_checks: vec![],
         });
         // Same state: nothing to do.
-        assert!(diff(&a.written(), &a).is_empty());
+        assert!(diff(&a.written(), &a.written()).is_empty());
         // From nothing: everything.
-        let full = diff(&Written::default(), &a);
+        let full = diff(&Written::default(), &a.written());
         assert_eq!(full.write_chains.len(), 4);
         // One endpoint added to "b": only b's two chains are rewritten.
         let mut pb = port("b", two.clone(), two);
         pb.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
         let b = render(&Plan {
-            ports: vec![port("a", one.clone(), one), pb],
+            ports: vec![port("a", one.clone(), one.clone()), pb],
             health_checks: vec![],
         });
-        let d = diff(&a.written(), &b);
+        let d = diff(&a.written(), &b.written());
         assert_eq!(d.write_chains.len(), 2, "{d:?}");
-        assert!(d.del_chains.is_empty() && d.elements() == 0, "{d:?}");
+        // ... and each gets its second endpoint slot.
+        assert!(d.del_chains.is_empty() && d.elements() == 2, "{d:?}");
+        assert_eq!(d.add_elems[&MapName::Endpoints].len(), 2);
+        // The same count of endpoints, one replaced: no chain is written,
+        // only the two slots change (a delete and an add each).
+        let three = Targets::Endpoints(vec![ep("10.244.1.5", 8080), ep("10.244.3.5", 8080)]);
+        let mut pc = port("b", three.clone(), three);
+        pc.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+        let c = render(&Plan {
+            ports: vec![port("a", one.clone(), one.clone()), pc],
+            health_checks: vec![],
+        });
+        let d = diff(&b.written(), &c.written());
+        assert!(d.write_chains.is_empty(), "{d:?}");
+        assert_eq!(d.elements(), 4, "{d:?}");
         // "b" removed: its chains go, and elements that pointed to them.
         let c = render(&Plan {
             ports: vec![],
             health_checks: vec![],
         });
-        let d = diff(&b.written(), &c);
+        let d = diff(&b.written(), &c.written());
         assert_eq!(d.del_chains.len(), 4);
         assert!(d.add_elems.is_empty());
         assert_eq!(
@@ -529,7 +618,7 @@ mod tests {
             ports: vec![port("a", Targets::Drop, Targets::Drop)],
             health_checks: vec![],
         });
-        let d = diff(&a.written(), &b);
+        let d = diff(&a.written(), &b.written());
         let key = ip_proto_port("10.96.0.10".parse().unwrap(), 6, 80);
         assert!(d.del_elems[&MapName::ServiceIps].contains(&key));
         assert!(d.add_elems[&MapName::ServiceIps].contains(&(key, Target::Drop)));
