@@ -388,11 +388,15 @@ async fn register<S: Membership>(
 }
 
 /// Publishes the live node records and the Services with their slices:
-/// after every store change (a burst of writes settles into one read) and
-/// on the reconcile timer. One task reads both: a store's change signal
-/// wakes one waiter. A snapshot equal to the last is not sent again, so a
-/// lease renewal does not make the Services reconciler work. An unreachable
-/// store keeps the last snapshots: the kernel keeps the last known state.
+/// after every store change and on the reconcile timer, on which the store
+/// also reads its backend again (`resync`: it answers from memory, kept
+/// current by events). One task reads both: a store's change signal wakes
+/// one waiter. A list equal to the last is not sent again, so a lease
+/// renewal wakes no reconciler; the Services are not even read again
+/// while the store's version of them has not moved (10k of them take
+/// milliseconds to copy and compare, a node change must not). An
+/// unreachable store keeps the last snapshots: the kernel keeps the last
+/// known state.
 async fn cluster_source<S: ClusterState>(
     store: Arc<S>,
     every: Duration,
@@ -401,36 +405,53 @@ async fn cluster_source<S: ClusterState>(
     status: Arc<Status>,
 ) {
     let mut resync = ticker(every);
+    let mut services_seen = None;
     loop {
         match store.nodes().await {
             Ok(n) => {
-                nodes.send_replace(Some(Arc::new(n)));
+                nodes.send_if_modified(|cur| {
+                    if cur.as_deref() == Some(&n) {
+                        return false;
+                    }
+                    *cur = Some(Arc::new(n));
+                    true
+                });
             }
             Err(e) => {
                 status.store_errors.fetch_add(1, Relaxed);
                 tracing::warn!("reading the store: {e}; keeping the last known nodes");
             }
         }
-        match store.services().await {
-            Ok(snap) => {
-                services.send_if_modified(|cur| {
-                    if cur.as_deref() == Some(&snap) {
-                        return false;
-                    }
-                    *cur = Some(Arc::new(snap));
-                    true
-                });
-            }
-            Err(e) => {
-                status.store_errors.fetch_add(1, Relaxed);
-                tracing::warn!("reading Services from the store: {e}; keeping the last known ones");
+        // Read before the Services: a change landing in between moves it
+        // again, and the next pass reads them again.
+        let version = store.services_version();
+        if version.is_none() || version != services_seen {
+            match store.services().await {
+                Ok(snap) => {
+                    services_seen = version;
+                    services.send_if_modified(|cur| {
+                        if cur.as_deref() == Some(&snap) {
+                            return false;
+                        }
+                        *cur = Some(Arc::new(snap));
+                        true
+                    });
+                }
+                Err(e) => {
+                    status.store_errors.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        "reading Services from the store: {e}; keeping the last known ones"
+                    );
+                }
             }
         }
         // A change that lands while the store is read is seen by the next
-        // read: `changed` only has to wake us, not carry the change.
+        // read: `changed` only has to wake us, not carry the change. No
+        // settling delay: reads are from memory, and a burst of events
+        // while we read is one wake-up.
         tokio::select! {
-            _ = store.changed() => tokio::time::sleep(Duration::from_millis(20)).await,
-            _ = resync.tick() => {}
+            _ = store.changed() => {}
+            _ = resync.tick() => store.resync().await,
         }
     }
 }

@@ -9,8 +9,14 @@
 //! A subnet is reserved with a transaction that creates its key only if it
 //! does not exist (`create_revision == 0`); a node that restarts takes its
 //! own key over with a transaction on its `mod_revision`. Keys vanish when
-//! their lease expires, which frees the subnet. A watch on the whole prefix
-//! wakes the daemon.
+//! their lease expires, which frees the subnet.
+//!
+//! What `nodes()` and `services()` answer is held in memory: listed once at
+//! start, then kept current by a watch on the whole prefix, one event (a put
+//! or a delete, with its revision) at a time; a peer whose lease expires
+//! arrives as the delete of its key. A broken watch resumes from the
+//! revision after the last one seen; only when etcd has compacted that
+//! revision away (`ErrCompacted`) is the prefix listed again.
 //!
 //! An apply reads Services, EndpointSlices and ranges at one revision R,
 //! decides (allocation included), and writes in a transaction guarded by
@@ -25,16 +31,18 @@
 //! no longer all-or-nothing once its first transaction is in.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use ipnetwork::Ipv4Network;
 use tokio::sync::{Mutex, Notify};
 
+use super::snapshot::{self, Cache, Slot, Value};
 use super::{
     decode, decode_ranges, encode, encode_ranges, plan_apply, ranges_to_publish, Applied, Change,
     ClusterState, Membership, Registration, ServiceWrites, StoreError, StoreResult, WarnOnce,
@@ -59,9 +67,32 @@ pub struct EtcdStore {
     root: String,
     /// `<prefix>/subnets/`.
     prefix: String,
-    notify: Arc<Notify>,
+    shared: Arc<Shared>,
     own: Mutex<Option<Own>>,
+}
+
+/// What the watch task keeps and the store answers from.
+struct Shared {
+    cache: std::sync::Mutex<Cache>,
+    notify: Notify,
     warned: WarnOnce,
+    /// Full listings of the prefix since start (the first one included).
+    relists: AtomicU64,
+    /// The latest revision the snapshot holds: a write through this store
+    /// waits for it, so that its own next read sees the write.
+    seen: tokio::sync::watch::Sender<i64>,
+    /// Tests hold the watch here: it drops its stream, as a ferryd cut off
+    /// from etcd would, until released.
+    #[cfg(test)]
+    hold: tokio::sync::watch::Sender<Hold>,
+}
+
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Run,
+    Wanted,
+    Held,
 }
 
 struct Own {
@@ -88,20 +119,51 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         let client = timed(&joined, "connect", Client::connect(endpoints, Some(opts))).await?;
         let root = format!("{}/", prefix.trim_end_matches('/'));
-        let store = EtcdStore {
+        let shared = Arc::new(Shared {
+            cache: Default::default(),
+            notify: Notify::new(),
+            warned: WarnOnce::default(),
+            relists: AtomicU64::new(0),
+            seen: tokio::sync::watch::channel(0).0,
+            #[cfg(test)]
+            hold: tokio::sync::watch::channel(Hold::Run).0,
+        });
+        let watch = Watch {
+            client: client.clone(),
+            endpoints: joined.clone(),
+            root: root.clone(),
+            shared: shared.clone(),
+        };
+        // Connecting is lazy: this first listing is also what makes an
+        // unreachable etcd an error now, not later.
+        let rev = watch.relist().await?;
+        tokio::spawn(watch.run(rev + 1));
+        Ok(EtcdStore {
             client,
             endpoints: joined,
             prefix: format!("{root}subnets/"),
             root,
-            notify: Arc::new(Notify::new()),
+            shared,
             own: Mutex::new(None),
-            warned: WarnOnce::default(),
-        };
-        // Connecting is lazy: make one real request so that an unreachable
-        // etcd is an error now, not later.
-        store.list().await?;
-        store.start_watch();
-        Ok(store)
+        })
+    }
+
+    /// Waits (a while at most) until the snapshot holds the write answered
+    /// with `header`: the event of a write under the prefix always comes.
+    async fn caught_up(&self, header: Option<&etcd_client::ResponseHeader>) {
+        if let Some(h) = header {
+            self.caught_up_to(h.revision()).await;
+        }
+    }
+
+    async fn caught_up_to(&self, rev: i64) {
+        let mut rx = self.shared.seen.subscribe();
+        if tokio::time::timeout(OP_TIMEOUT, rx.wait_for(|r| *r >= rev))
+            .await
+            .is_err()
+        {
+            tracing::debug!(rev, "etcd: the watch has not caught up with our own write");
+        }
     }
 
     fn key(&self, subnet: Ipv4Network) -> String {
@@ -140,31 +202,6 @@ impl EtcdStore {
         Ok(out)
     }
 
-    fn start_watch(&self) {
-        let mut client = self.client.clone();
-        // The whole prefix: node records, Services, EndpointSlices, ranges.
-        let prefix = self.root.clone();
-        let notify = self.notify.clone();
-        tokio::spawn(async move {
-            loop {
-                match client
-                    .watch(prefix.clone(), Some(WatchOptions::new().with_prefix()))
-                    .await
-                {
-                    Ok((_watcher, mut stream)) => {
-                        // A (re)started watch may have missed events.
-                        notify.notify_one();
-                        while let Ok(Some(_)) = stream.message().await {
-                            notify.notify_one();
-                        }
-                    }
-                    Err(e) => tracing::debug!("etcd watch: {e}"),
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        });
-    }
-
     async fn grant(&self, ttl: Duration) -> StoreResult<i64> {
         let mut c = self.client.clone();
         let ttl = ttl.as_secs().max(5) as i64;
@@ -187,6 +224,9 @@ impl EtcdStore {
             Some(PutOptions::new().with_lease(lease)),
         )]);
         let r = timed(&self.endpoints, "reserve subnet", c.txn(txn)).await?;
+        if r.succeeded() {
+            self.caught_up(r.header()).await;
+        }
         Ok(r.succeeded())
     }
 
@@ -256,36 +296,8 @@ impl EtcdStore {
         format!("{}ranges", self.root)
     }
 
-    /// Every key under `prefix` at `revision` (0: the latest), a page at a
-    /// time; returns the revision read, so that further reads can be made
-    /// at the same one.
     async fn range(&self, prefix: &str, revision: i64) -> StoreResult<(i64, Vec<KeyValue>)> {
-        let end = prefix_end(prefix);
-        let mut from = prefix.as_bytes().to_vec();
-        let mut rev = revision;
-        let mut out = Vec::new();
-        loop {
-            let mut c = self.client.clone();
-            let opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(PAGE)
-                .with_revision(rev);
-            let what = format!("list {prefix}");
-            let mut resp = timed(&self.endpoints, &what, c.get(from.clone(), Some(opts))).await?;
-            if rev == 0 {
-                rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-            }
-            let more = resp.more();
-            let kvs = resp.take_kvs();
-            let Some(last) = kvs.last() else { break };
-            from = last.key().to_vec();
-            from.push(0); // the next key after it
-            out.extend(kvs);
-            if !more {
-                break;
-            }
-        }
-        Ok((rev, out))
+        range(&self.client, &self.endpoints, prefix, revision).await
     }
 
     /// All Services and EndpointSlices at one revision, which it returns.
@@ -306,7 +318,11 @@ impl EtcdStore {
                 match res {
                     Ok(obj) => snap.insert(obj),
                     Err(msg) => {
-                        if self.warned.first(format!("{key}@{}", kv.mod_revision())) {
+                        if self
+                            .shared
+                            .warned
+                            .first(format!("{key}@{}", kv.mod_revision()))
+                        {
                             tracing::warn!(key, "ignoring unreadable {}: {msg}", kind.singular());
                         }
                     }
@@ -406,6 +422,9 @@ impl EtcdStore {
                 }
             }
             if !conflict {
+                if last > rev {
+                    self.caught_up_to(last).await;
+                }
                 for (j, a) in plan.applied.into_iter().enumerate() {
                     results[pending[j]].get_or_insert(a);
                 }
@@ -416,6 +435,268 @@ impl EtcdStore {
             pending.retain(|&i| results[i].is_none());
         }
         Err(StoreError::ApplyContention(ATTEMPTS))
+    }
+}
+
+/// Every key under `prefix` at `revision` (0: the latest), a page at a
+/// time; returns the revision read, so that further reads can be made at
+/// the same one.
+async fn range(
+    client: &Client,
+    endpoints: &str,
+    prefix: &str,
+    revision: i64,
+) -> StoreResult<(i64, Vec<KeyValue>)> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut rev = revision;
+    let mut out = Vec::new();
+    loop {
+        let mut c = client.clone();
+        let opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE)
+            .with_revision(rev);
+        let what = format!("list {prefix}");
+        let mut resp = timed(endpoints, &what, c.get(from.clone(), Some(opts))).await?;
+        if rev == 0 {
+            rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        let more = resp.more();
+        let kvs = resp.take_kvs();
+        let Some(last) = kvs.last() else { break };
+        from = last.key().to_vec();
+        from.push(0); // the next key after it
+        out.extend(kvs);
+        if !more {
+            break;
+        }
+    }
+    Ok((rev, out))
+}
+
+/// What key `rel` (relative to the root) holds given its value (`None`:
+/// deleted), as the snapshot keeps it: unreadable values are left out,
+/// logged once per revision.
+fn decoded(
+    rel: &str,
+    value: Option<&[u8]>,
+    mod_revision: i64,
+    warned: &WarnOnce,
+) -> Option<(Slot, Option<Value>)> {
+    let slot = Slot::of(rel)?;
+    let Some(data) = value else {
+        return Some((slot, None));
+    };
+    let res = match &slot {
+        Slot::Node(subnet) => match serde_json::from_slice::<NodeRecord>(data) {
+            Ok(r) if r.subnet == *subnet => Ok(Value::Node(snapshot::Node {
+                record: r,
+                // etcd expires the key itself: its delete is the expiry.
+                expires_ms: u64::MAX,
+            })),
+            Ok(r) => Err(format!("holds subnet {}", r.subnet)),
+            Err(e) => Err(e.to_string()),
+        },
+        Slot::Object {
+            kind,
+            namespace,
+            name,
+        } => decode(*kind, namespace, name, data).map(Value::Object),
+    };
+    match res {
+        Ok(v) => Some((slot, Some(v))),
+        Err(msg) => {
+            if warned.first(format!("{rel}@{mod_revision}")) {
+                tracing::warn!(key = rel, "ignoring unreadable record: {msg}");
+            }
+            Some((slot, None))
+        }
+    }
+}
+
+/// The snapshot of everything listed (`(key relative to the root, value,
+/// mod revision)`): what applying every event since the beginning gives.
+fn listed<'a>(kvs: impl IntoIterator<Item = (&'a str, &'a [u8], i64)>, warned: &WarnOnce) -> Cache {
+    let mut c = Cache::default();
+    for (rel, value, rev) in kvs {
+        apply_event(&mut c, rel, Some(value), rev, warned);
+    }
+    c
+}
+
+/// Applies a put (`Some` value) or delete of key `rel` at `rev`; true if
+/// the snapshot changed.
+fn apply_event(
+    cache: &mut Cache,
+    rel: &str,
+    value: Option<&[u8]>,
+    rev: i64,
+    warned: &WarnOnce,
+) -> bool {
+    match decoded(rel, value, rev, warned) {
+        Some((slot, v)) => cache.set(slot, v),
+        None => false,
+    }
+}
+
+/// The task that keeps the snapshot current.
+struct Watch {
+    client: Client,
+    endpoints: String,
+    root: String,
+    shared: Arc<Shared>,
+}
+
+impl Watch {
+    /// Lists the whole prefix and takes it as the snapshot; returns the
+    /// revision listed, to watch from the one after.
+    async fn relist(&self) -> StoreResult<i64> {
+        let (rev, kvs) = range(&self.client, &self.endpoints, &self.root, 0).await?;
+        let fresh = listed(
+            kvs.iter().filter_map(|kv| {
+                let key = std::str::from_utf8(kv.key()).ok()?;
+                Some((key.strip_prefix(&self.root)?, kv.value(), kv.mod_revision()))
+            }),
+            &self.shared.warned,
+        );
+        self.shared.relists.fetch_add(1, Ordering::Relaxed);
+        let changed = self
+            .shared
+            .cache
+            .lock()
+            .expect("not poisoned")
+            .replace(fresh);
+        self.shared.seen.send_modify(|r| *r = (*r).max(rev));
+        if changed {
+            self.shared.notify.notify_one();
+        }
+        Ok(rev)
+    }
+
+    /// Applies one watch response; false when it says the watch fell behind
+    /// a compaction (nothing is applied then).
+    fn apply(&self, resp: &etcd_client::WatchResponse, next: &mut i64) -> bool {
+        if resp.compact_revision() > 0 {
+            return false;
+        }
+        let mut changed = false;
+        let mut cache = self.shared.cache.lock().expect("not poisoned");
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            *next = (*next).max(kv.mod_revision() + 1);
+            let Some(rel) = std::str::from_utf8(kv.key())
+                .ok()
+                .and_then(|k| k.strip_prefix(&self.root))
+            else {
+                continue;
+            };
+            let value = match ev.event_type() {
+                EventType::Put => Some(kv.value()),
+                EventType::Delete => None,
+            };
+            changed |= apply_event(
+                &mut cache,
+                rel,
+                value,
+                kv.mod_revision(),
+                &self.shared.warned,
+            );
+        }
+        drop(cache);
+        self.shared.seen.send_if_modified(|r| {
+            let moved = *next - 1 > *r;
+            *r = (*r).max(*next - 1);
+            moved
+        });
+        if changed {
+            self.shared.notify.notify_one();
+        }
+        true
+    }
+
+    /// Watches from revision `next` on, forever: resumes a broken watch
+    /// from the revision after the last event applied, lists again only
+    /// when etcd no longer has that revision.
+    async fn run(self, mut next: i64) {
+        let mut relist = false;
+        loop {
+            if relist {
+                match self.relist().await {
+                    Ok(rev) => {
+                        next = rev + 1;
+                        relist = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!("etcd: listing again after a compaction: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let opts = WatchOptions::new().with_prefix().with_start_revision(next);
+            let mut c = self.client.clone();
+            match c.watch(self.root.clone(), Some(opts)).await {
+                Ok((_watcher, mut stream)) => loop {
+                    tokio::select! {
+                        m = stream.message() => match m {
+                            Ok(Some(resp)) => {
+                                if !self.apply(&resp, &mut next) {
+                                    tracing::warn!(
+                                        from = next,
+                                        compacted = resp.compact_revision(),
+                                        "etcd watch fell behind a compaction; listing again"
+                                    );
+                                    relist = true;
+                                    break;
+                                }
+                                if resp.canceled() {
+                                    tracing::debug!("etcd watch canceled: {}", resp.cancel_reason());
+                                    break;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!("etcd watch: {e}");
+                                break;
+                            }
+                        },
+                        _ = self.shared.held() => break,
+                    }
+                },
+                Err(e) => tracing::debug!("etcd watch: {e}"),
+            }
+            if self.shared.wait_released().await {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+impl Shared {
+    /// Resolves when a test asks to hold the watch; never otherwise.
+    async fn held(&self) {
+        #[cfg(test)]
+        {
+            let mut rx = self.hold.subscribe();
+            let _ = rx.wait_for(|h| *h == Hold::Wanted).await;
+        }
+        #[cfg(not(test))]
+        std::future::pending::<()>().await
+    }
+
+    /// If a test holds the watch: says it is held (its stream dropped),
+    /// waits until released and returns true.
+    async fn wait_released(&self) -> bool {
+        #[cfg(test)]
+        if *self.hold.borrow() == Hold::Wanted {
+            self.hold.send_replace(Hold::Held);
+            let mut rx = self.hold.subscribe();
+            let _ = rx.wait_for(|h| *h == Hold::Run).await;
+            return true;
+        }
+        false
     }
 }
 
@@ -599,21 +880,21 @@ impl Membership for EtcdStore {
 
 impl ClusterState for EtcdStore {
     async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|kv| !kv.record.left)
-            .map(|kv| kv.record)
-            .collect())
+        let cache = self.shared.cache.lock().expect("not poisoned");
+        Ok(cache.live_nodes(0))
     }
 
     async fn services(&self) -> StoreResult<Snapshot> {
-        Ok(self.read_objects().await?.1)
+        let snap = self.shared.cache.lock().expect("not poisoned").services();
+        Ok((*snap).clone())
     }
 
     async fn changed(&self) {
-        self.notify.notified().await;
+        self.shared.notify.notified().await;
+    }
+
+    fn services_version(&self) -> Option<u64> {
+        Some(self.shared.cache.lock().expect("not poisoned").version())
     }
 }
 
@@ -631,10 +912,19 @@ impl ServiceWrites for EtcdStore {
                 .collect();
             let mut c = self.client.clone();
             let resp = timed(&self.endpoints, "delete", c.txn(Txn::new().and_then(ops))).await?;
-            out.extend(resp.op_responses().iter().map(|r| match r {
-                TxnOpResponse::Delete(d) => d.deleted() > 0,
-                _ => false,
-            }));
+            let gone: Vec<bool> = resp
+                .op_responses()
+                .iter()
+                .map(|r| match r {
+                    TxnOpResponse::Delete(d) => d.deleted() > 0,
+                    _ => false,
+                })
+                .collect();
+            // Only a delete that deleted something has an event to wait for.
+            if gone.contains(&true) {
+                self.caught_up(resp.header()).await;
+            }
+            out.extend(gone);
         }
         Ok(out)
     }
@@ -988,6 +1278,292 @@ mod tests {
         let slice = ObjectRef::parse(Kind::EndpointSlice, "web-1").unwrap();
         testing::wakes_on(&s, async {
             other.delete(&[slice]).await.unwrap();
+        })
+        .await;
+    }
+
+    /// A small xorshift generator: the same sequence on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    /// A value for `key`: readable or not, and one of a few versions.
+    fn value_for(key: &str, rng: &mut Rng) -> Vec<u8> {
+        let version = rng.below(3);
+        if rng.below(5) == 0 {
+            return b"{\"half\": ".to_vec(); // unreadable
+        }
+        if Slot::of(key).is_none() {
+            return format!("{{\"any\": {version}}}").into_bytes();
+        }
+        if let Some(k) = key.strip_prefix("subnets/") {
+            let subnet = record::parse_subnet_key(k).unwrap();
+            // Now and then a record naming another subnet than its key.
+            let subnet = if rng.below(6) == 0 {
+                "10.99.0.0/24".parse().unwrap()
+            } else {
+                subnet
+            };
+            let rec = NodeRecord {
+                node: format!("n{version}"),
+                subnet,
+                underlay_ip: std::net::Ipv4Addr::new(192, 168, 0, version as u8),
+                vtep_mac: crate::record::Mac::for_vtep("n", version as u32),
+                left: rng.below(4) == 0,
+            };
+            return serde_json::to_vec(&rec).unwrap();
+        }
+        let mut parts = key.splitn(3, '/');
+        let (kind, ns, name) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        // Now and then an object misnamed for its key.
+        let name = if rng.below(6) == 0 { "other" } else { name };
+        let v = if kind == "services" {
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"ports": [{"port": 80 + version}]}})
+        } else {
+            serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": "x"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [format!("10.244.1.{version}")]}]})
+        };
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    /// For a random sequence of puts and deletes, applying each event to the
+    /// snapshot gives exactly what listing the keys afterwards gives, at
+    /// every step: no event's effect depends on what came before it.
+    #[test]
+    fn events_give_the_relisted_state() {
+        let mut keys: Vec<String> = (0..6).map(|i| format!("subnets/10.244.{i}.0-24")).collect();
+        for ns in ["default", "prod"] {
+            for name in ["web", "db"] {
+                keys.push(format!("services/{ns}/{name}"));
+                keys.push(format!("endpointslices/{ns}/{name}"));
+            }
+        }
+        keys.extend([
+            "ranges".into(),
+            "subnets/garbage".into(),
+            "services/no-ns".into(),
+        ]);
+        let warned = WarnOnce::default();
+        for seed in 1..=20u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut held: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+            let mut cache = Cache::default();
+            let (mut nodes_seen, mut objects_seen) = (false, false);
+            for rev in 1..=400 {
+                let key = keys[rng.below(keys.len())].clone();
+                if rng.below(3) == 0 {
+                    held.remove(&key);
+                    apply_event(&mut cache, &key, None, rev, &warned);
+                } else {
+                    let v = value_for(&key, &mut rng);
+                    apply_event(&mut cache, &key, Some(&v), rev, &warned);
+                    held.insert(key, v);
+                }
+                let relisted = listed(held.iter().map(|(k, v)| (k.as_str(), &v[..], 0)), &warned);
+                assert_eq!(cache, relisted, "seed {seed}, after event {rev}");
+                nodes_seen |= !cache.live_nodes(0).is_empty();
+                let snap = cache.services();
+                objects_seen |= !snap.services.is_empty() && !snap.slices.is_empty();
+            }
+            // Not vacuous: readable values of every kind were among them.
+            assert!(nodes_seen && objects_seen, "seed {seed}");
+        }
+    }
+
+    /// Until `f` holds (10 s at most).
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn node_kv(i: u8, node: &str) -> (String, Vec<u8>) {
+        let subnet: Ipv4Network = format!("10.244.{i}.0/24").parse().unwrap();
+        let rec = NodeRecord {
+            node: node.into(),
+            subnet,
+            underlay_ip: std::net::Ipv4Addr::new(192, 168, 0, i),
+            vtep_mac: crate::record::Mac::for_vtep(node, 1),
+            left: false,
+        };
+        (
+            format!("/ferry-test/subnets/{}", record::subnet_key(subnet)),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+    }
+
+    /// Holds `s`'s watch (its stream dropped) while `write` runs, then lets
+    /// it go on; returns once the snapshot equals a fresh listing.
+    async fn away_while(s: &EtcdStore, write: impl Future<Output = ()>) {
+        s.shared.hold.send_replace(Hold::Wanted);
+        let mut rx = s.shared.hold.subscribe();
+        rx.wait_for(|h| *h == Hold::Held).await.unwrap();
+        write.await;
+        s.shared.hold.send_replace(Hold::Run);
+        let (_, kvs) = s.range(&s.root, 0).await.unwrap();
+        let fresh = listed(
+            kvs.iter().map(|kv| {
+                let k = std::str::from_utf8(kv.key()).unwrap();
+                (
+                    k.strip_prefix(&s.root).unwrap(),
+                    kv.value(),
+                    kv.mod_revision(),
+                )
+            }),
+            &WarnOnce::default(),
+        );
+        until("the snapshot to converge", || {
+            *s.shared.cache.lock().unwrap() == fresh
+        })
+        .await;
+    }
+
+    /// Writes that delete, add and change records and add a Service.
+    async fn changes(mut c: Client) -> i64 {
+        for i in 1..=2u8 {
+            c.delete(node_kv(i, "x").0, None).await.unwrap();
+        }
+        for i in 10..=12u8 {
+            let (k, v) = node_kv(i, &format!("new{i}"));
+            c.put(k, v, None).await.unwrap();
+        }
+        let (k, v) = node_kv(3, "renamed");
+        c.put(k, v, None).await.unwrap();
+        let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"ports": [{"port": 80}]}});
+        let r = c
+            .put(
+                "/ferry-test/services/default/web",
+                serde_json::to_vec(&svc).unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
+        r.header().unwrap().revision()
+    }
+
+    async fn with_records(etcd: &TestEtcd) -> EtcdStore {
+        let s = etcd.open().await;
+        let mut c = s.client.clone();
+        for i in 1..=5u8 {
+            let (k, v) = node_kv(i, &format!("n{i}"));
+            c.put(k, v, None).await.unwrap();
+        }
+        until("five nodes", || {
+            s.shared.cache.lock().unwrap().node_count() == 5
+        })
+        .await;
+        s
+    }
+
+    /// A watch cut off while records change resumes from the revision after
+    /// the last it saw: it converges without listing again.
+    #[tokio::test]
+    async fn broken_watch_resumes_without_relisting() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = with_records(&etcd).await;
+        let before = s.shared.relists.load(Ordering::Relaxed);
+        away_while(&s, async {
+            changes(s.client.clone()).await;
+        })
+        .await;
+        assert_eq!(s.shared.relists.load(Ordering::Relaxed), before);
+        let names: Vec<String> = s
+            .nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(names, ["renamed", "n4", "n5", "new10", "new11", "new12"]);
+        assert!(s
+            .services()
+            .await
+            .unwrap()
+            .services
+            .contains_key("default/web"));
+    }
+
+    /// A watch that fell behind a compaction (etcd no longer has the
+    /// revisions it missed) lists again, and converges.
+    #[tokio::test]
+    async fn watch_behind_a_compaction_relists_and_converges() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = with_records(&etcd).await;
+        let before = s.shared.relists.load(Ordering::Relaxed);
+        away_while(&s, async {
+            let rev = changes(s.client.clone()).await;
+            let mut c = s.client.clone();
+            c.compact(
+                rev,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+            .unwrap();
+        })
+        .await;
+        assert_eq!(s.shared.relists.load(Ordering::Relaxed), before + 1);
+        let names: Vec<String> = s
+            .nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.node)
+            .collect();
+        assert_eq!(names, ["renamed", "n4", "n5", "new10", "new11", "new12"]);
+        assert!(s
+            .services()
+            .await
+            .unwrap()
+            .services
+            .contains_key("default/web"));
+    }
+
+    /// A peer's lease expiring arrives as the delete of its key.
+    #[tokio::test]
+    async fn expired_lease_drops_the_peer() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = etcd.open().await;
+        let mut c = s.client.clone();
+        let lease = c.lease_grant(1, None).await.unwrap().id();
+        let (k, v) = node_kv(7, "short");
+        c.put(k, v, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .unwrap();
+        until("the peer", || {
+            s.shared.cache.lock().unwrap().node_count() == 1
+        })
+        .await;
+        until("its expiry", || {
+            s.shared.cache.lock().unwrap().node_count() == 0
         })
         .await;
     }

@@ -17,6 +17,7 @@
 
 pub mod etcd;
 pub mod file;
+mod snapshot;
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -136,6 +137,17 @@ pub trait ClusterState: Send + Sync + 'static {
     /// Resolves when the records, the Services or the EndpointSlices may
     /// have changed.
     fn changed(&self) -> impl Future<Output = ()> + Send;
+    /// A number that moves whenever `services()` may answer differently,
+    /// for a source to skip re-reading and comparing 10k Services when only
+    /// a node changed; `None`: not known, read them every time.
+    fn services_version(&self) -> Option<u64> {
+        None
+    }
+    /// Called on the reconcile timer: a store that answers from memory reads
+    /// its backend again here, to repair what its events missed.
+    fn resync(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// What [`ServiceWrites::apply`] did to one object, as kubectl says it.
