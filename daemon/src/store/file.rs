@@ -12,6 +12,14 @@
 //! `subnets/`, on `services/` and `endpointslices/` and on each namespace
 //! directory below them, added as they appear).
 //!
+//! What `nodes()` and `services()` answer is held in memory: the directory
+//! is read whole at start, then each inotify event names the one file to
+//! read again. It is read whole again only when inotify's queue overflowed
+//! (`IN_Q_OVERFLOW`: events were lost) and on the reconcile timer
+//! ([`ClusterState::resync`]), which repairs anything else missed. A write
+//! through this store updates the snapshot itself, so that its own next
+//! read sees the write.
+//!
 //! An apply decides everything under the lock, then stages every file it
 //! writes as a temporary next to its target and renames them all: an error
 //! before the renames writes nothing. A crash between two renames leaves
@@ -19,7 +27,7 @@
 //! Temporaries left by a crash are removed by the next writer (under the
 //! lock no other writer can be staging).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,6 +40,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use super::snapshot::{self, Cache, Slot, Value};
 use super::{
     decode, decode_ranges, encode, encode_ranges, plan_apply, ranges_to_publish, Applied,
     ClusterState, Membership, Registration, ServiceWrites, StoreError, StoreResult, WarnOnce,
@@ -69,6 +78,25 @@ struct Inner {
     /// This node's registration and subnet, for renewals.
     own: Mutex<Option<(Registration, Ipv4Network)>>,
     warned: WarnOnce,
+    cache: Mutex<Cache>,
+    /// Held by a full rescan and by each batch of per-file reads: a file
+    /// read for an event is read after a rescan that may have read it
+    /// before its change, never overwritten by it.
+    scan: Mutex<()>,
+    /// Full rescans since open (the first one included).
+    rescans: AtomicU64,
+    /// Tests hold the inotify reader here, so that events pile up in the
+    /// kernel's queue.
+    #[cfg(test)]
+    hold: (Mutex<Hold>, std::sync::Condvar),
+}
+
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Run,
+    Wanted,
+    Held,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -95,74 +123,180 @@ impl FileStore {
             fs::create_dir_all(d).map_err(|e| err("cannot create", e))?;
         }
         let notify = Arc::new(Notify::new());
-        watch(&subnets, &trees, notify.clone()).map_err(|e| err("cannot watch (inotify)", e))?;
-        Ok(FileStore {
-            inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
-                subnets,
-                own: Mutex::new(None),
-                warned: WarnOnce::default(),
-            }),
-            notify,
-        })
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            subnets,
+            own: Mutex::new(None),
+            warned: WarnOnce::default(),
+            cache: Mutex::default(),
+            scan: Mutex::new(()),
+            rescans: AtomicU64::new(0),
+            #[cfg(test)]
+            hold: (Mutex::new(Hold::Run), std::sync::Condvar::new()),
+        });
+        // Watches first, then the first read: a change between the two is
+        // both read and reported.
+        Reader::start(inner.clone(), notify.clone())
+            .map_err(|e| err("cannot watch (inotify)", e))?;
+        Ok(FileStore { inner, notify })
     }
 }
 
-/// A thread that wakes `notify` on every change in `subnets` and in the
-/// namespace directories of each of `trees`. inotify is not recursive: a
-/// namespace directory that appears gets its own watch; the wake-up for its
-/// creation comes after that watch is in place, so a reader woken by it
-/// sees every file renamed into it before the watch, and the watch reports
-/// every one after.
-fn watch(subnets: &Path, trees: &[PathBuf], notify: Arc<Notify>) -> std::io::Result<()> {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let changes = AddWatchFlags::IN_MOVED_TO
-        | AddWatchFlags::IN_MOVED_FROM
-        | AddWatchFlags::IN_DELETE
-        | AddWatchFlags::IN_CLOSE_WRITE;
-    let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
-    ino.add_watch(subnets, changes)?;
-    let mut roots = HashMap::new();
-    for t in trees {
-        roots.insert(
-            ino.add_watch(t, changes | AddWatchFlags::IN_CREATE)?,
-            t.clone(),
-        );
-        for de in fs::read_dir(t)? {
-            let de = de?;
-            if de.file_type()?.is_dir() {
-                ino.add_watch(&de.path(), changes)?;
+/// A directory inotify watches.
+enum Dir {
+    Subnets,
+    /// `services/` or `endpointslices/`: namespace directories appear here.
+    Root(Kind),
+    Namespace(Kind, String),
+}
+
+/// The thread that reads inotify's events and, per file they name, reads
+/// that file again into the snapshot; wakes `notify` on every change.
+/// inotify is not recursive: a namespace directory that appears gets its
+/// own watch, then is read, so that files renamed into it before the watch
+/// are read and every one after is reported.
+struct Reader {
+    ino: nix::sys::inotify::Inotify,
+    dirs: HashMap<nix::sys::inotify::WatchDescriptor, Dir>,
+    inner: Arc<Inner>,
+    notify: Arc<Notify>,
+}
+
+const CHANGES: nix::sys::inotify::AddWatchFlags = nix::sys::inotify::AddWatchFlags::IN_MOVED_TO
+    .union(nix::sys::inotify::AddWatchFlags::IN_MOVED_FROM)
+    .union(nix::sys::inotify::AddWatchFlags::IN_DELETE)
+    .union(nix::sys::inotify::AddWatchFlags::IN_CLOSE_WRITE);
+
+impl Reader {
+    fn start(inner: Arc<Inner>, notify: Arc<Notify>) -> std::io::Result<()> {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
+        let mut dirs = HashMap::new();
+        dirs.insert(ino.add_watch(&inner.subnets, CHANGES)?, Dir::Subnets);
+        for kind in KINDS {
+            let root = inner.dir.join(kind.plural());
+            let wd = ino.add_watch(&root, CHANGES | AddWatchFlags::IN_CREATE)?;
+            dirs.insert(wd, Dir::Root(kind));
+        }
+        let mut r = Reader {
+            ino,
+            dirs,
+            inner,
+            notify,
+        };
+        r.rescan();
+        std::thread::Builder::new()
+            .name("ferryd-inotify".into())
+            .spawn(move || r.run())?;
+        Ok(())
+    }
+
+    /// Watches every namespace directory (again: inotify gives a watched
+    /// directory its existing descriptor), then reads everything.
+    fn rescan(&mut self) {
+        for kind in KINDS {
+            let root = self.inner.dir.join(kind.plural());
+            for de in fs::read_dir(&root).into_iter().flatten().flatten() {
+                let Some(ns) = de.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if de.file_type().is_ok_and(|t| t.is_dir()) {
+                    if let Ok(wd) = self.ino.add_watch(&de.path(), CHANGES) {
+                        self.dirs.insert(wd, Dir::Namespace(kind, ns));
+                    }
+                }
+            }
+        }
+        if self.inner.rescan() {
+            self.notify.notify_one();
+        }
+    }
+
+    fn run(mut self) {
+        use nix::sys::inotify::AddWatchFlags as F;
+        loop {
+            #[cfg(test)]
+            self.inner.wait_if_held();
+            let events = match self.ino.read_events() {
+                Ok(events) => events,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    // The reconcile timer's rescans still repair.
+                    tracing::warn!(
+                        "file store: reading inotify events: {e}; rescanning on the timer only"
+                    );
+                    return;
+                }
+            };
+            let mut overflow = false;
+            let mut touched = BTreeSet::new();
+            for ev in events {
+                if ev.mask.contains(F::IN_Q_OVERFLOW) {
+                    overflow = true;
+                    continue;
+                }
+                if ev.mask.contains(F::IN_IGNORED) {
+                    self.dirs.remove(&ev.wd);
+                    continue;
+                }
+                let (Some(dir), Some(name)) = (self.dirs.get(&ev.wd), ev.name.as_ref()) else {
+                    continue;
+                };
+                let Some(name) = name.to_str() else { continue };
+                let is_dir = ev.mask.contains(F::IN_ISDIR);
+                match dir {
+                    Dir::Root(kind) if is_dir => {
+                        let kind = *kind;
+                        if ev.mask.intersects(F::IN_CREATE | F::IN_MOVED_TO) {
+                            self.namespace_appeared(kind, name, &mut touched);
+                        } else if ev.mask.contains(F::IN_MOVED_FROM) {
+                            // Its files went with it, unreported.
+                            overflow = true;
+                        }
+                        // Deleted: only once emptied, its files' deletes came first.
+                    }
+                    Dir::Root(_) => {}
+                    Dir::Subnets => {
+                        touched.extend(
+                            name.strip_suffix(".json")
+                                .and_then(|k| Slot::of(&format!("subnets/{k}"))),
+                        );
+                    }
+                    Dir::Namespace(kind, ns) => {
+                        touched.extend(
+                            name.strip_suffix(".json")
+                                .and_then(|n| Slot::of(&format!("{}/{ns}/{n}", kind.plural()))),
+                        );
+                    }
+                }
+            }
+            if overflow {
+                tracing::info!("file store: inotify's queue overflowed; reading everything again");
+                self.rescan();
+                continue;
+            }
+            if self.inner.refresh(touched) {
+                self.notify.notify_one();
             }
         }
     }
-    std::thread::Builder::new()
-        .name("ferryd-inotify".into())
-        .spawn(move || loop {
-            match ino.read_events() {
-                Ok(events) => {
-                    for ev in events {
-                        let new_dir = ev.mask.contains(AddWatchFlags::IN_ISDIR)
-                            && ev
-                                .mask
-                                .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
-                        if let (true, Some(root), Some(name)) =
-                            (new_dir, roots.get(&ev.wd), ev.name.as_ref())
-                        {
-                            // Gone again already: nothing to watch, and the
-                            // wake-up below makes the reader look anyway.
-                            let _ = ino.add_watch(&root.join(name), changes);
-                        }
-                    }
-                    notify.notify_one();
-                }
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(_) => {
-                    // Fall back to the reconcile timer.
-                    return;
-                }
-            }
-        })?;
-    Ok(())
+
+    fn namespace_appeared(&mut self, kind: Kind, ns: &str, touched: &mut BTreeSet<Slot>) {
+        let path = self.inner.dir.join(kind.plural()).join(ns);
+        // Gone again already: nothing to watch or read.
+        let Ok(wd) = self.ino.add_watch(&path, CHANGES) else {
+            return;
+        };
+        self.dirs.insert(wd, Dir::Namespace(kind, ns.to_string()));
+        for f in fs::read_dir(&path).into_iter().flatten().flatten() {
+            let fname = f.file_name();
+            let slot = fname
+                .to_str()
+                .and_then(|f| f.strip_suffix(".json"))
+                .and_then(|n| Slot::of(&format!("{}/{ns}/{n}", kind.plural())));
+            touched.extend(slot);
+        }
+    }
 }
 
 fn tmp_name() -> String {
@@ -242,6 +376,7 @@ impl Inner {
             let _ = fs::remove_file(&tmp);
             return Err(self.err(format!("cannot write {}", path.display()), e));
         }
+        self.refresh([Slot::Node(entry.record.subnet)]);
         Ok(())
     }
 
@@ -325,9 +460,124 @@ impl Inner {
         Ok(())
     }
 
-    fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        let now = now_ms();
-        Ok(live(self.read_all()?, now))
+    fn nodes(&self) -> Vec<NodeRecord> {
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .live_nodes(now_ms())
+    }
+
+    fn file_of(&self, slot: &Slot) -> PathBuf {
+        match slot {
+            Slot::Node(subnet) => self.path_of(*subnet),
+            Slot::Object {
+                kind,
+                namespace,
+                name,
+            } => self
+                .dir
+                .join(kind.plural())
+                .join(namespace)
+                .join(format!("{name}.json")),
+        }
+    }
+
+    /// What the file of `slot` holds now, as the snapshot keeps it: `None`
+    /// when it is gone or unreadable (logged once per version of the file:
+    /// its mtime and size, so a fixed file that breaks again is logged
+    /// again).
+    fn read_slot(&self, slot: &Slot) -> Option<Value> {
+        let path = self.file_of(slot);
+        let data = fs::read(&path).ok()?;
+        let res = match slot {
+            Slot::Node(subnet) => match serde_json::from_slice::<Entry>(&data) {
+                Ok(e) if e.record.subnet == *subnet => Ok(Value::Node(snapshot::Node {
+                    record: e.record,
+                    expires_ms: e.expires_ms,
+                })),
+                Ok(e) => Err(format!("holds subnet {}", e.record.subnet)),
+                Err(e) => Err(e.to_string()),
+            },
+            Slot::Object {
+                kind,
+                namespace,
+                name,
+            } => decode(*kind, namespace, name, &data).map(Value::Object),
+        };
+        match res {
+            Ok(v) => Some(v),
+            Err(msg) => {
+                let version = fs::metadata(&path)
+                    .ok()
+                    .map(|m| (m.modified().ok(), m.len()));
+                if self.warned.first(format!("{}@{version:?}", path.display())) {
+                    tracing::warn!(file = %path.display(), "ignoring unreadable record: {msg}");
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads the files of `slots` again into the snapshot; true if that
+    /// changed it.
+    fn refresh(&self, slots: impl IntoIterator<Item = Slot>) -> bool {
+        let _scan = self.scan.lock().expect("not poisoned");
+        let mut changed = false;
+        for slot in slots {
+            let v = self.read_slot(&slot);
+            changed |= self.cache.lock().expect("not poisoned").set(slot, v);
+        }
+        changed
+    }
+
+    /// The slot of a file under the store, if it holds one.
+    fn slot_of(&self, path: &Path) -> Option<Slot> {
+        let rel = path.strip_prefix(&self.dir).ok()?.to_str()?;
+        Slot::of(rel.strip_suffix(".json")?)
+    }
+
+    /// Reads everything into a fresh snapshot and takes it; true if that
+    /// changed anything.
+    fn rescan(&self) -> bool {
+        let _scan = self.scan.lock().expect("not poisoned");
+        let fresh = self.scanned();
+        self.rescans.fetch_add(1, Ordering::Relaxed);
+        self.cache.lock().expect("not poisoned").replace(fresh)
+    }
+
+    /// Everything the directory holds, read now.
+    fn scanned(&self) -> Cache {
+        let mut fresh = Cache::default();
+        let mut slots = Vec::new();
+        for de in fs::read_dir(&self.subnets).into_iter().flatten().flatten() {
+            slots.extend(self.slot_of(&de.path()));
+        }
+        for kind in KINDS {
+            let root = self.dir.join(kind.plural());
+            for ns in fs::read_dir(&root).into_iter().flatten().flatten() {
+                for f in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                    slots.extend(self.slot_of(&f.path()));
+                }
+            }
+        }
+        for slot in slots {
+            let v = self.read_slot(&slot);
+            fresh.set(slot, v);
+        }
+        fresh
+    }
+
+    #[cfg(test)]
+    fn wait_if_held(&self) {
+        let (m, cv) = &self.hold;
+        let mut h = m.lock().unwrap();
+        if *h == Hold::Wanted {
+            *h = Hold::Held;
+            cv.notify_all();
+            while *h != Hold::Run {
+                h = cv.wait(h).unwrap();
+            }
+        }
     }
 }
 
@@ -493,7 +743,9 @@ impl Inner {
         if stored.is_none() && !files.is_empty() {
             files.push((self.ranges_path(), encode_ranges(&ranges)));
         }
+        let written: Vec<Slot> = files.iter().filter_map(|(p, _)| self.slot_of(p)).collect();
         self.write_files(files)?;
+        self.refresh(written);
         Ok(plan.applied)
     }
 
@@ -503,7 +755,10 @@ impl Inner {
         for r in refs {
             let path = self.object_path(r);
             match fs::remove_file(&path) {
-                Ok(()) => out.push(true),
+                Ok(()) => {
+                    self.refresh(self.slot_of(&path));
+                    out.push(true)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.push(false),
                 Err(e) => return Err(self.err(format!("cannot delete {}", path.display()), e)),
             }
@@ -581,15 +836,28 @@ impl Membership for FileStore {
 
 impl ClusterState for FileStore {
     async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        blocking(&self.inner, |i| i.nodes()).await
+        Ok(self.inner.nodes())
     }
 
     async fn services(&self) -> StoreResult<Snapshot> {
-        blocking(&self.inner, |i| i.snapshot(false)).await
+        let snap = self.inner.cache.lock().expect("not poisoned").services();
+        Ok((*snap).clone())
     }
 
     async fn changed(&self) {
         self.notify.notified().await;
+    }
+
+    fn services_version(&self) -> Option<u64> {
+        Some(self.inner.cache.lock().expect("not poisoned").version())
+    }
+
+    async fn resync(&self) {
+        let notify = self.notify.clone();
+        let changed = blocking(&self.inner, |i| Ok(i.rescan())).await;
+        if changed.unwrap_or(false) {
+            notify.notify_one();
+        }
     }
 }
 
@@ -680,7 +948,7 @@ mod tests {
             serde_json::from_slice(&fs::read(s.inner.path_of(a.subnet)).unwrap()).unwrap();
         e.expires_ms = now_ms() - 1;
         s.inner.write(&e).unwrap();
-        assert!(s.inner.nodes().unwrap().is_empty());
+        assert!(s.inner.nodes().is_empty());
         let b = s
             .inner
             .register(&reg("b", Duration::from_secs(60)))
@@ -880,6 +1148,149 @@ mod tests {
         // The broken files hold no address: `more` got the next free one.
         let snap = s.inner.snapshot(false).unwrap();
         assert_eq!(cluster_ip(&snap, "default/more"), "10.96.0.2");
+    }
+
+    /// Holds `s`'s inotify reader (after it read the event of a write made
+    /// for that) while `write` runs, then lets it go on.
+    fn away_while(s: &FileStore, write: impl FnOnce()) {
+        let (m, cv) = &s.inner.hold;
+        *m.lock().unwrap() = Hold::Wanted;
+        let wake = s.inner.subnets.join("wake-up.json");
+        fs::write(&wake, b"not a record").unwrap();
+        let held = cv
+            .wait_timeout_while(m.lock().unwrap(), Duration::from_secs(10), |h| {
+                *h != Hold::Held
+            })
+            .unwrap();
+        assert_eq!(*held.0, Hold::Held, "the reader did not stop");
+        drop(held);
+        write();
+        *m.lock().unwrap() = Hold::Run;
+        cv.notify_all();
+    }
+
+    /// Until `f` holds (30 s at most).
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn entry(i: usize) -> Entry {
+        let subnet = Ipv4Network::new(
+            std::net::Ipv4Addr::new(10, (i / 256) as u8, (i % 256) as u8, 0),
+            24,
+        )
+        .unwrap();
+        let mut r = reg(&format!("n{i}"), Duration::from_secs(60)).record(subnet);
+        r.underlay_ip = std::net::Ipv4Addr::from(0xc0a8_0000 + i as u32);
+        Entry {
+            record: r,
+            expires_ms: now_ms() + 600_000,
+        }
+    }
+
+    /// More events than inotify's queue holds arrive while the reader is
+    /// away: the kernel drops the rest and says so (IN_Q_OVERFLOW); the
+    /// store reads everything again and holds every record.
+    #[test]
+    fn inotify_overflow_rescans_and_converges() {
+        let d = TempDir::new("fs-overflow");
+        let s = FileStore::open(&d.0).unwrap();
+        let queue: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .map(|t| t.trim().parse().unwrap())
+            .unwrap_or(16384);
+        let n = queue + 1000;
+        let before = s.inner.rescans.load(Ordering::Relaxed);
+        away_while(&s, || {
+            // One event per file (a write into place, closed), each naming
+            // another file, so that inotify cannot merge them.
+            for i in 0..n {
+                let e = entry(i);
+                fs::write(
+                    s.inner.path_of(e.record.subnet),
+                    serde_json::to_vec(&e).unwrap(),
+                )
+                .unwrap();
+            }
+        });
+        until("every record", || s.inner.nodes().len() == n);
+        assert!(
+            s.inner.rescans.load(Ordering::Relaxed) > before,
+            "converged without a rescan: the queue did not overflow"
+        );
+    }
+
+    /// For a random sequence of writes (readable or not), renames into place
+    /// and deletes, the events alone bring the snapshot to what reading the
+    /// whole directory gives.
+    #[test]
+    fn file_events_give_the_rescanned_state() {
+        let d = TempDir::new("fs-events");
+        let s = FileStore::open(&d.0).unwrap();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut below = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let svc_dir = d.0.join("services");
+        let before = s.inner.rescans.load(Ordering::Relaxed);
+        for step in 0..600 {
+            let i = below(8) as usize;
+            let (path, good) = if below(2) == 0 {
+                let e = entry(i);
+                (
+                    s.inner.path_of(e.record.subnet),
+                    serde_json::to_vec(&e).unwrap(),
+                )
+            } else {
+                let ns = ["default", "prod"][below(2) as usize];
+                let name = format!("s{i}");
+                let v = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"ports": [{"port": 80 + below(3)}]}});
+                (
+                    svc_dir.join(ns).join(format!("{name}.json")),
+                    serde_json::to_vec(&v).unwrap(),
+                )
+            };
+            match below(4) {
+                0 => {
+                    let _ = fs::remove_file(&path);
+                    // As the store's delete does: an emptied namespace goes.
+                    if let Some(dir) = path.parent().filter(|p| p.starts_with(&svc_dir)) {
+                        let _ = fs::remove_dir(dir);
+                    }
+                }
+                1 => {
+                    fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    fs::write(&path, &good[..good.len() / 2]).unwrap(); // half-written
+                }
+                _ => {
+                    let dir = path.parent().unwrap();
+                    fs::create_dir_all(dir).unwrap();
+                    let tmp = dir.join(format!("{TMP_PREFIX}{step}"));
+                    fs::write(&tmp, &good).unwrap();
+                    fs::rename(&tmp, &path).unwrap();
+                }
+            }
+        }
+        until("the events to be read", || {
+            *s.inner.cache.lock().unwrap() == s.inner.scanned()
+        });
+        assert_eq!(
+            s.inner.rescans.load(Ordering::Relaxed),
+            before,
+            "a rescan, not the events, converged"
+        );
+        assert!(!s.inner.nodes().is_empty());
     }
 
     /// Writes into a namespace directory that is new, that appeared after
