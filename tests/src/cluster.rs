@@ -6,7 +6,9 @@
 //! Everything lives in namespaces made here (`ferry-t<pid>-<n>`, deleted on
 //! drop, also when a test panics) and in a temp dir. The etcd store runs
 //! `etcd` inside the underlay namespace, so its traffic never leaves the
-//! test's namespaces; it is killed on drop.
+//! test's namespaces; it is killed on drop. The Kubernetes store talks to
+//! the tests' own API server ([`crate::apiserver`]) listening in the
+//! underlay namespace; the test registers the Nodes in it.
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::apiserver::ApiServer;
 use crate::{bin_dir, plugin_path, run_plugin_in, wait_until, Cni, Netns, TempDir};
 
 /// The underlay network; node i (0-based) is .(11+i), the underlay
@@ -23,11 +26,15 @@ pub const UNDERLAY_PREFIX: &str = "192.168.77";
 pub const OUTSIDE_IP: &str = "192.168.77.254";
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const ETCD_URL: &str = "http://192.168.77.254:2379";
+/// Where the Kubernetes store's API server listens (underlay namespace).
+pub const APISERVER_ADDR: &str = "192.168.77.254:6443";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     File,
     Etcd,
+    /// `--store kubernetes --kubeconfig <file>`, against [`Cluster::api`].
+    Kubernetes,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +237,9 @@ pub struct Cluster {
     pub opts: Opts,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// The Kubernetes store's API server (before `underlay`: it stops
+    /// before its namespace goes).
+    pub apiserver: Option<Box<ApiServer>>,
     pub underlay: Netns,
     pub etcd: Option<Etcd>,
     dir: TempDir,
@@ -253,11 +263,17 @@ impl Cluster {
         ]);
         underlay.ok(&["ip", "link", "set", "br0", "up"]);
         let etcd = (kind == StoreKind::Etcd).then(|| Etcd::start(&underlay));
+        let apiserver = (kind == StoreKind::Kubernetes).then(|| {
+            let s = ApiServer::start(&underlay, APISERVER_ADDR);
+            std::fs::write(dir.path().join("kubeconfig"), s.kubeconfig()).unwrap();
+            Box::new(s)
+        });
         let mut c = Cluster {
             kind,
             opts,
             nodes: Vec::new(),
             pods: Vec::new(),
+            apiserver,
             underlay,
             etcd,
             dir,
@@ -298,7 +314,15 @@ impl Cluster {
         match self.kind {
             StoreKind::File => format!("file:{}", self.dir.path().join("store").display()),
             StoreKind::Etcd => format!("etcd:{ETCD_URL}"),
+            StoreKind::Kubernetes => "kubernetes".into(),
         }
+    }
+
+    /// The Kubernetes store's API server (panics for other stores).
+    pub fn api(&self) -> &ApiServer {
+        self.apiserver
+            .as_ref()
+            .expect("a StoreKind::Kubernetes cluster")
     }
 
     /// The `ferryd run` arguments for node `i`.
@@ -335,6 +359,10 @@ impl Cluster {
         .collect();
         if self.opts.direct_routing {
             a.push("--direct-routing".into());
+        }
+        if self.kind == StoreKind::Kubernetes {
+            a.push("--kubeconfig".into());
+            a.push(self.dir.path().join("kubeconfig").display().to_string());
         }
         a.extend(self.opts.extra_args.iter().cloned());
         a
@@ -581,6 +609,16 @@ impl Drop for Cluster {
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
+            }
+            if let Some(api) = &self.apiserver {
+                let log = api.requests();
+                eprintln!("--- API server: last of {} requests ---", log.len());
+                for r in log.iter().rev().take(40).rev() {
+                    eprintln!(
+                        "{} {} {} {:?} -> {}",
+                        r.peer, r.method, r.path, r.query, r.status
+                    );
+                }
             }
         }
         // Namespaces (pods, nodes, underlay) and the etcd child go with

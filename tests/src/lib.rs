@@ -1159,5 +1159,6 @@ pub fn result_host_veth(result: &Value) -> String {
         .unwrap_or_else(|| panic!("no host interface in result {result}"))
         .to_string()
 }
+pub mod apiserver;
 pub mod cluster;
 pub mod traffic;
