@@ -553,15 +553,31 @@ fn apply_one(
     r.map_err(KernelError::nl(what))
 }
 
-/// Brings the kernel to `want`: observe, diff, apply; after device changes
-/// it observes again. Returns the actions applied (empty when converged).
+/// Applies `acts` (from [`crate::overlay::delta`]: no device changes) to
+/// the VXLAN device `index`, in order.
+pub fn apply(
+    nl: &mut Netlink,
+    acts: &[Action],
+    device: &str,
+    index: u32,
+    underlay_index: u32,
+) -> KResult<()> {
+    for a in acts {
+        apply_one(nl, a, device, Some(index), underlay_index)?;
+    }
+    Ok(())
+}
+
+/// Brings the kernel to `want`: observe (one dump per object kind), diff,
+/// apply; after device changes it observes again. Returns the actions
+/// applied (empty when converged) and the VXLAN device's index.
 pub fn reconcile(
     nl: &mut Netlink,
     want: &Desired,
     underlay_index: u32,
     cluster: Ipv4Network,
     own_subnet: Ipv4Network,
-) -> KResult<Vec<Action>> {
+) -> KResult<(Vec<Action>, Option<u32>)> {
     let device = want.device.name.as_str();
     let (have, mut index) = observe(nl, device, underlay_index, cluster, own_subnet)?;
     let mut acts = crate::overlay::diff(want, &have);
@@ -579,7 +595,7 @@ pub fn reconcile(
         apply_one(nl, a, device, index, underlay_index)?;
     }
     done.extend(acts);
-    Ok(done)
+    Ok((done, index))
 }
 
 /// Writes a sysctl of the current network namespace (`/proc/sys/net/...`).

@@ -11,7 +11,7 @@
 //! or, with DirectRouting and a peer on the same L2 segment, just
 //! `route <peer subnet> via <peer underlay ip> dev <underlay> proto 0xfe`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
@@ -123,19 +123,20 @@ pub fn desired(local: &Local, p: &Params, nodes: &[NodeRecord]) -> Desired {
     };
     let mut sorted: Vec<&NodeRecord> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.node.cmp(&b.node));
-    let mut taken: Vec<Ipv4Network> = vec![local.subnet];
+    let mut taken = Taken::default();
+    taken.insert(local.subnet);
     for n in sorted {
         if n.node == local.node
             || n.left
             || !p.cluster.is_supernet_of(n.subnet)
-            || taken.iter().any(|t| t.overlaps(n.subnet))
+            || taken.overlaps(n.subnet)
             || n.vtep_mac == local.vtep_mac
             || n.underlay_ip == local.underlay_ip
             || d.fdb.contains_key(&n.vtep_mac)
         {
             continue;
         }
-        taken.push(n.subnet);
+        taken.insert(n.subnet);
         d.peers.push(n.node.clone());
         if p.direct_routing && on_link(n.underlay_ip, &local.underlay_nets) {
             d.routes.insert(
@@ -163,6 +164,34 @@ pub fn desired(local: &Local, p: &Params, nodes: &[NodeRecord]) -> Desired {
         );
     }
     d
+}
+
+/// Disjoint subnets by first address: whether a new one overlaps any is
+/// two lookups, not one comparison per peer (5,000 peers: 12.5M).
+#[derive(Default)]
+struct Taken(BTreeMap<u32, u32>);
+
+impl Taken {
+    fn range(n: Ipv4Network) -> (u32, u32) {
+        let first = u32::from(n.network());
+        (first, first | !u32::from(n.mask()))
+    }
+
+    fn overlaps(&self, n: Ipv4Network) -> bool {
+        let (first, last) = Self::range(n);
+        // The one starting at or before `first` may reach into it; any
+        // other starts inside it.
+        self.0
+            .range(..=first)
+            .next_back()
+            .is_some_and(|(_, e)| *e >= first)
+            || self.0.range(first..=last).next().is_some()
+    }
+
+    fn insert(&mut self, n: Ipv4Network) {
+        let (first, last) = Self::range(n);
+        self.0.insert(first, last);
+    }
 }
 
 /// The VXLAN device as the kernel reports it.
@@ -285,21 +314,33 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Action> {
             out.push(Action::DelFdb(*mac, *dst));
         }
     }
-    // Then what is missing or wrong, per peer in order.
-    let mut by_route: Vec<&Route> = want.routes.values().collect();
-    by_route.sort_by_key(|r| r.dst);
-    for r in by_route {
+    // Then what is missing or wrong, per peer in order. What the kernel
+    // holds is indexed once: a scan per peer is quadratic at 5,000 peers.
+    let mut neighs: HashMap<Ipv4Addr, Vec<(Option<Mac>, bool)>> = HashMap::new();
+    for (ip, m, perm) in &have.neighs {
+        neighs.entry(*ip).or_default().push((*m, *perm));
+    }
+    let mut fdb: HashMap<Mac, Vec<&(Mac, Option<Ipv4Addr>)>> = HashMap::new();
+    for e in &have.fdb {
+        fdb.entry(e.0).or_default().push(e);
+    }
+    let mut routes: HashMap<Ipv4Network, Vec<&Route>> = HashMap::new();
+    for r in &have.routes {
+        routes.entry(r.dst).or_default().push(r);
+    }
+    // `want.routes` is keyed by destination: already in order.
+    for r in want.routes.values() {
         if r.dev == Dev::Vxlan {
             let mac = want.neighs[&r.gw];
-            if !have
-                .neighs
-                .iter()
-                .any(|(ip, m, perm)| *ip == r.gw && *m == Some(mac) && *perm)
+            if !neighs
+                .get(&r.gw)
+                .is_some_and(|v| v.iter().any(|(m, perm)| *m == Some(mac) && *perm))
             {
                 out.push(Action::SetNeigh(r.gw, mac));
             }
             let dst = want.fdb[&mac];
-            let fdb_for_mac: Vec<_> = have.fdb.iter().filter(|(m, _)| *m == mac).collect();
+            let fdb_for_mac: Vec<&(Mac, Option<Ipv4Addr>)> =
+                fdb.get(&mac).cloned().unwrap_or_default();
             match fdb_for_mac.as_slice() {
                 [(_, d)] if *d == Some(dst) => {}
                 // Replace semantics: one remote, rewritten in place.
@@ -314,12 +355,56 @@ pub fn diff(want: &Desired, have: &Observed) -> Vec<Action> {
                 }
             }
         }
-        let present: Vec<&Route> = have.routes.iter().filter(|h| h.dst == r.dst).collect();
+        let present = routes.get(&r.dst).map(Vec::as_slice).unwrap_or_default();
         if present.len() != 1 || present[0] != r {
             out.push(Action::SetRoute(*r));
         }
     }
     out
+}
+
+/// The steps from `old` — what was last brought into the kernel — to
+/// `new`, without looking at the kernel: what a change of one peer costs
+/// is that peer's entries. `None` when the device or its address differ
+/// (that takes a full [`diff`] against the kernel). Same order as `diff`:
+/// stale routes, neighbours, FDB entries first; then per peer neighbour,
+/// FDB entry, route.
+pub fn delta(old: &Desired, new: &Desired) -> Option<Vec<Action>> {
+    if old.device != new.device || old.vtep_addr != new.vtep_addr {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (dst, r) in &old.routes {
+        if !new.routes.contains_key(dst) {
+            out.push(Action::DelRoute(*r));
+        }
+    }
+    for ip in old.neighs.keys() {
+        if !new.neighs.contains_key(ip) {
+            out.push(Action::DelNeigh(*ip));
+        }
+    }
+    for (mac, dst) in &old.fdb {
+        if !new.fdb.contains_key(mac) {
+            out.push(Action::DelFdb(*mac, Some(*dst)));
+        }
+    }
+    for (dst, r) in &new.routes {
+        if r.dev == Dev::Vxlan {
+            let mac = new.neighs[&r.gw];
+            if old.neighs.get(&r.gw) != Some(&mac) {
+                out.push(Action::SetNeigh(r.gw, mac));
+            }
+            let remote = new.fdb[&mac];
+            if old.fdb.get(&mac) != Some(&remote) {
+                out.push(Action::SetFdb(mac, remote));
+            }
+        }
+        if old.routes.get(dst) != Some(r) {
+            out.push(Action::SetRoute(*r));
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -521,6 +606,89 @@ mod tests {
             acts,
             vec![Action::SetFdb(Mac::for_vtep("b", 1), ip("192.168.50.22"))]
         );
+    }
+
+    /// What the kernel holds after `acts` (replace semantics for neighbours,
+    /// FDB entries and routes, as `kernel` sends them).
+    fn simulate(o: &mut Observed, acts: &[Action]) {
+        for a in acts {
+            match a {
+                Action::SetNeigh(ip, mac) => {
+                    o.neighs.retain(|(i, _, _)| i != ip);
+                    o.neighs.push((*ip, Some(*mac), true));
+                }
+                Action::DelNeigh(ip) => o.neighs.retain(|(i, _, _)| i != ip),
+                Action::SetFdb(mac, dst) => {
+                    o.fdb.retain(|(m, _)| m != mac);
+                    o.fdb.push((*mac, Some(*dst)));
+                }
+                Action::DelFdb(mac, dst) => o.fdb.retain(|e| *e != (*mac, *dst)),
+                Action::SetRoute(r) => {
+                    o.routes.retain(|h| h.dst != r.dst);
+                    o.routes.push(*r);
+                }
+                Action::DelRoute(r) => o.routes.retain(|h| h != r),
+                other => panic!("delta sent {other:?}"),
+            }
+        }
+    }
+
+    /// For random changes of random clusters (peers added, gone, left,
+    /// moved, re-addressed, clashing), the delta from the last desired
+    /// state brings a kernel holding that state to exactly the new one.
+    #[test]
+    fn delta_reaches_what_a_full_diff_reaches() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut below = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for direct in [false, true] {
+            let mut nodes = cluster();
+            let mut kernel = observed_of(&desired(&local(), &params(direct), &nodes));
+            let mut last = desired(&local(), &params(direct), &nodes);
+            for step in 0..2000 {
+                let i = below(12);
+                let name = format!("p{i}");
+                let subnet = format!("10.244.{}.0/{}", below(10), [24, 23][below(2) as usize]);
+                let Ok(subnet) = subnet.parse::<Ipv4Network>() else {
+                    continue;
+                };
+                let subnet = Ipv4Network::new(subnet.network(), subnet.prefix()).unwrap();
+                let under = ["192.168.50.", "10.9.9."][below(2) as usize];
+                let mut r = rec(&name, "10.244.0.0/24", &format!("{under}{}", 10 + below(5)));
+                r.subnet = subnet;
+                r.vtep_mac = Mac::for_vtep(&format!("p{}", below(14)), 1);
+                r.left = below(8) == 0;
+                nodes.retain(|n| n.node != name);
+                if below(4) != 0 {
+                    nodes.push(r);
+                }
+                let want = desired(&local(), &params(direct), &nodes);
+                let acts = delta(&last, &want).unwrap();
+                simulate(&mut kernel, &acts);
+                assert_eq!(diff(&want, &kernel), vec![], "step {step}: {acts:?}");
+                last = want;
+            }
+            assert!(last.peers.len() > 2, "not vacuous");
+        }
+    }
+
+    #[test]
+    fn delta_of_one_peer_touches_that_peer() {
+        let before = desired(&local(), &params(false), &cluster());
+        let mut nodes = cluster();
+        nodes[1].underlay_ip = ip("192.168.50.22");
+        let after = desired(&local(), &params(false), &nodes);
+        assert_eq!(
+            delta(&before, &after).unwrap(),
+            vec![Action::SetFdb(Mac::for_vtep("b", 1), ip("192.168.50.22"))]
+        );
+        let mut p = params(false);
+        p.mtu = Some(1400);
+        assert_eq!(delta(&before, &desired(&local(), &p, &nodes)), None);
     }
 
     #[test]
