@@ -41,11 +41,18 @@ pub struct LeaveArgs {
     /// Node to remove (default: this host's name).
     #[arg(long, env = "FERRYD_NODE_NAME")]
     pub node_name: Option<String>,
-    /// `file:DIR` or `etcd:URL[,URL...]`.
+    /// `file:DIR`, `etcd:URL[,URL...]` or `kubernetes`.
     #[arg(long, env = "FERRYD_STORE")]
     pub store: Option<String>,
     #[arg(long, env = "FERRYD_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
+    /// With `--store kubernetes`: the kubeconfig to use.
+    #[arg(long, env = "FERRYD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--store kubernetes`: the API server's URL, replacing the
+    /// kubeconfig's or the in-cluster one.
+    #[arg(long, env = "FERRYD_API_SERVER")]
+    pub api_server: Option<String>,
     /// Read node name and store from this config file.
     #[arg(long, env = "FERRYD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -75,12 +82,21 @@ pub struct RunArgs {
     /// Prefix length of each node's pod subnet [default: 24].
     #[arg(long, env = "FERRYD_SUBNET_LEN")]
     pub subnet_len: Option<u8>,
-    /// Cluster state: `file:DIR` or `etcd:URL[,URL...]` [default: file:/var/lib/ferry/store].
+    /// Cluster state: `file:DIR`, `etcd:URL[,URL...]` or `kubernetes` [default: file:/var/lib/ferry/store].
     #[arg(long, env = "FERRYD_STORE")]
     pub store: Option<String>,
     /// Key prefix in etcd [default: /ferry].
     #[arg(long, env = "FERRYD_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
+    /// With `--store kubernetes`: the kubeconfig to use [default: in-cluster
+    /// configuration, else $KUBECONFIG or ~/.kube/config].
+    #[arg(long, env = "FERRYD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With `--store kubernetes`: the API server's URL, replacing the
+    /// kubeconfig's or the in-cluster one (without kube-proxy, the
+    /// `kubernetes` Service's ClusterIP is served by ferryd itself).
+    #[arg(long, env = "FERRYD_API_SERVER")]
+    pub api_server: Option<String>,
     /// Where the CNI conflist is written [default: /etc/cni/net.d].
     #[arg(long, env = "FERRYD_CNI_CONF_DIR")]
     pub cni_conf_dir: Option<PathBuf>,
@@ -165,6 +181,8 @@ impl RunArgs {
             subnet_len,
             store,
             etcd_prefix,
+            kubeconfig,
+            api_server,
             cni_conf_dir,
             cni_bin_dir,
             cni_data_dir,
@@ -199,10 +217,15 @@ fn bad(msg: impl Into<String>) -> ConfigError {
 pub enum StoreSpec {
     File(PathBuf),
     Etcd(Vec<String>),
+    /// The Kubernetes API ([`crate::store::kube`]).
+    Kubernetes,
 }
 
 impl StoreSpec {
     pub fn parse(s: &str) -> Result<StoreSpec, ConfigError> {
+        if s == "kubernetes" {
+            return Ok(StoreSpec::Kubernetes);
+        }
         if let Some(dir) = s.strip_prefix("file:") {
             if dir.is_empty() || !Path::new(dir).is_absolute() {
                 return Err(bad(format!(
@@ -236,7 +259,7 @@ impl StoreSpec {
             return Ok(StoreSpec::Etcd(urls));
         }
         Err(bad(format!(
-            "--store {s:?}: expected file:DIR or etcd:URL[,URL...]"
+            "--store {s:?}: expected file:DIR, etcd:URL[,URL...] or kubernetes"
         )))
     }
 }
@@ -282,6 +305,9 @@ pub struct Settings {
     pub subnet_len: u8,
     pub store: StoreSpec,
     pub etcd_prefix: String,
+    /// `--kubeconfig`, `--api-server` (used with `--store kubernetes`).
+    pub kubeconfig: Option<PathBuf>,
+    pub api_server: Option<String>,
     pub cni_conf_dir: PathBuf,
     pub cni_bin_dir: PathBuf,
     pub cni_data_dir: PathBuf,
@@ -384,6 +410,9 @@ impl Settings {
                 "--etcd-prefix {etcd_prefix:?}: must start with /"
             )));
         }
+        if let Some(url) = &a.api_server {
+            crate::store::kube::parse_api_server(url).map_err(bad)?;
+        }
         let network_name = a.network_name.unwrap_or_else(|| "ferry".into());
         if !valid_name(&network_name) {
             return Err(bad(format!(
@@ -461,6 +490,8 @@ impl Settings {
             subnet_len,
             store,
             etcd_prefix,
+            kubeconfig: a.kubeconfig,
+            api_server: a.api_server,
             cni_conf_dir: abs_dir("cni-conf-dir", a.cni_conf_dir, "/etc/cni/net.d")?,
             cni_bin_dir: abs_dir("cni-bin-dir", a.cni_bin_dir, "/opt/cni/bin")?,
             cni_data_dir: abs_dir("cni-data-dir", a.cni_data_dir, "/var/lib/cni/ferry")?,
@@ -643,7 +674,10 @@ mod tests {
     #[test]
     fn bad_values_are_clear() {
         let err = |a: &[&str]| Settings::resolve(args(a), "h").unwrap_err().0;
-        assert!(err(&["--store", "s3:x"]).contains("file:DIR or etcd:URL"));
+        assert!(err(&["--store", "s3:x"]).contains("file:DIR, etcd:URL[,URL...] or kubernetes"));
+        assert!(err(&["--store", "kubernetes:x"]).contains("or kubernetes"));
+        assert!(err(&["--api-server", "kind-control-plane:6443"]).contains("--api-server"));
+        assert!(err(&["--api-server", "ftp://h"]).contains("http:// or https://"));
         assert!(err(&["--store", "file:rel"]).contains("absolute"));
         assert!(err(&["--cluster-cidr", "10.244.1.0/16"]).contains("host bits"));
         assert!(err(&["--subnet-len", "8"]).contains("--subnet-len"));
@@ -683,6 +717,62 @@ mod tests {
             .unwrap_err();
         assert!(e.0.contains("no-such-flag"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kubernetes_store_flags_env_and_file() {
+        let s = Settings::resolve(
+            args(&[
+                "--store",
+                "kubernetes",
+                "--kubeconfig",
+                "/etc/k.conf",
+                "--api-server",
+                "https://kind-control-plane:6443",
+            ]),
+            "h",
+        )
+        .unwrap();
+        assert_eq!(s.store, StoreSpec::Kubernetes);
+        assert_eq!(s.kubeconfig, Some(PathBuf::from("/etc/k.conf")));
+        assert_eq!(
+            s.api_server.as_deref(),
+            Some("https://kind-control-plane:6443")
+        );
+        let d = Settings::resolve(args(&[]), "h").unwrap();
+        assert_eq!((d.kubeconfig, d.api_server), (None, None));
+
+        let dir = std::env::temp_dir().join(format!("ferryd-cfg-kube-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.json");
+        std::fs::write(
+            &f,
+            r#"{"store": "kubernetes", "kubeconfig": "/k", "api-server": "http://10.0.0.1:6443"}"#,
+        )
+        .unwrap();
+        let a = args(&["--config", f.to_str().unwrap()])
+            .with_config_file()
+            .unwrap();
+        let s = Settings::resolve(a, "h").unwrap();
+        assert_eq!(s.store, StoreSpec::Kubernetes);
+        assert_eq!(s.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(s.api_server.as_deref(), Some("http://10.0.0.1:6443"));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let envs: Vec<_> = run
+            .get_arguments()
+            .filter(|a| ["kubeconfig", "api_server"].contains(&a.get_id().as_str()))
+            .map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        assert_eq!(
+            envs,
+            [
+                Some("FERRYD_KUBECONFIG".into()),
+                Some("FERRYD_API_SERVER".into())
+            ]
+        );
     }
 
     #[test]

@@ -334,6 +334,9 @@ pub async fn exec<S: ClusterState + ServiceWrites>(
     Ok(())
 }
 
+const KUBECTL: &str = "--store kubernetes: Services and EndpointSlices live in the \
+                       Kubernetes API; use kubectl (e.g. kubectl apply -f FILE, kubectl get services)";
+
 /// The command line, end to end: input, store, job.
 pub async fn run(
     cli: Cli,
@@ -357,6 +360,9 @@ pub async fn run(
             let store = EtcdStore::open(&urls, &cli.etcd_prefix).await?;
             exec(&store, job, out, err).await
         }
+        // The API server allocates and validates Services itself, and
+        // kubectl already speaks it: ferryctl would be a worse kubectl.
+        StoreSpec::Kubernetes => Err(CtlError(KUBECTL.into())),
     }
 }
 
@@ -829,7 +835,23 @@ prod        np-1    np        <unset>
             &mut out,
             &mut Vec::new(),
         ));
-        assert!(res.unwrap_err().0.contains("expected file:DIR or etcd:URL"));
+        assert!(res.unwrap_err().0.contains("expected file:DIR, etcd:URL"));
+    }
+
+    #[test]
+    fn kubernetes_store_points_to_kubectl() {
+        for args in [
+            &["--store", "kubernetes", "get", "services"][..],
+            &["--store", "kubernetes", "apply", "-f", "-"][..],
+        ] {
+            let res = rt().block_on(run(
+                cli(args),
+                &mut SERVICES.as_bytes(),
+                &mut Vec::new(),
+                &mut Vec::new(),
+            ));
+            assert!(res.unwrap_err().0.contains("use kubectl"), "{args:?}");
+        }
     }
 
     #[test]

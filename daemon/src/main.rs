@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ferryd::config::{default_node_name, Cli, Cmd, ConfigError, Settings, StoreSpec};
 use ferryd::daemon::{self, DaemonError};
-use ferryd::store::{etcd::EtcdStore, file::FileStore, Membership};
+use ferryd::store::{etcd::EtcdStore, file::FileStore, kube::KubeStore, Membership};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -68,11 +68,19 @@ fn main() -> ExitCode {
                 .etcd_prefix
                 .or(file.etcd_prefix)
                 .unwrap_or_else(|| "/ferry".into());
+            let kubeconfig = a.kubeconfig.or(file.kubeconfig);
+            let api_server = a.api_server.or(file.api_server);
             let r: Result<(), DaemonError> = runtime().block_on(async {
                 match store {
                     StoreSpec::File(dir) => FileStore::open(&dir)?.leave(&node).await?,
                     StoreSpec::Etcd(urls) => {
                         EtcdStore::open(&urls, &prefix).await?.leave(&node).await?
+                    }
+                    StoreSpec::Kubernetes => {
+                        KubeStore::open(kubeconfig.as_deref(), api_server.as_deref())
+                            .await?
+                            .leave(&node)
+                            .await?
                     }
                 }
                 Ok(())
@@ -98,6 +106,11 @@ async fn run(s: Settings) -> Result<(), DaemonError> {
         }
         StoreSpec::Etcd(urls) => {
             let store = EtcdStore::open(&urls, &s.etcd_prefix).await?;
+            daemon::run(s, store, underlay, listener).await
+        }
+        StoreSpec::Kubernetes => {
+            let store = KubeStore::open(s.kubeconfig.as_deref(), s.api_server.as_deref()).await?;
+            tracing::info!(server = %store.server(), "Kubernetes API");
             daemon::run(s, store, underlay, listener).await
         }
     }

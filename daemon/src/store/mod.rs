@@ -17,6 +17,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod kube;
 mod snapshot;
 
 use std::collections::{BTreeSet, HashSet};
@@ -108,13 +109,28 @@ pub enum StoreError {
     BadRanges { at: String, msg: String },
     #[error("could not apply after {0} attempts: the store's Services kept changing")]
     ApplyContention(u32),
+    /// A call to the Kubernetes API failed. Boxed: kube's error is large and
+    /// every store result would carry its size.
+    #[error("Kubernetes API {server}: {what}: {source}")]
+    Kube {
+        server: String,
+        what: String,
+        #[source]
+        source: Box<::kube::Error>,
+    },
+    /// Kubernetes mode, anything but a failed call: no client
+    /// configuration, a node that cannot be used, a write ferry does not do.
+    #[error("Kubernetes mode: {0}")]
+    KubeMode(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// What a node publishes about itself: its registration under a lease.
-/// The Kubernetes API has its own (the kubelet registers the Node), so a
-/// Kubernetes source does not implement this.
+/// In the Kubernetes API the kubelet registers the Node and
+/// kube-controller-manager allocates its subnet, so there registering
+/// means waiting for the subnet and publishing the overlay's annotations
+/// ([`kube`]).
 pub trait Membership: Send + Sync + 'static {
     /// Finds or allocates this node's subnet and publishes its record.
     fn register(&self, reg: &Registration) -> impl Future<Output = StoreResult<NodeRecord>> + Send;
@@ -123,6 +139,15 @@ pub trait Membership: Send + Sync + 'static {
     /// Marks `node` as left: it drops out of `nodes` at once; its subnet is
     /// free again only once its lease expired.
     fn leave(&self, node: &str) -> impl Future<Output = StoreResult<()>> + Send;
+    /// This node's overlay is up and it is ready for pods. Called on every
+    /// pass in which the node is ready, so it must be cheap when there is
+    /// nothing to do. The Kubernetes store sets the Node's
+    /// `NetworkUnavailable` condition to False (the kubelet keeps a node
+    /// NotReady for pods until a network plugin does); the others have no
+    /// such flag.
+    fn network_up(&self) -> impl Future<Output = StoreResult<()>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// What the cluster holds, as a source of snapshots reads it.
