@@ -18,3 +18,6 @@ pub mod overlay;
 pub mod record;
 pub mod service;
 pub mod store;
+
+#[cfg(test)]
+mod manifest_tests;
