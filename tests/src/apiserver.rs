@@ -168,7 +168,8 @@ struct State {
     stopped: bool,
     bookmark_interval: Duration,
     watch_cap: Option<Duration>,
-    conns: HashMap<u64, (TcpStream, bool)>,
+    /// Open connections; the epoch of the watch each streams, if any.
+    conns: HashMap<u64, (TcpStream, Option<u64>)>,
     next_conn: u64,
 }
 
@@ -273,7 +274,7 @@ impl State {
     fn cut(&mut self, watches_only: bool) {
         self.epoch += 1;
         for (s, watch) in self.conns.values() {
-            if *watch || !watches_only {
+            if watch.is_some() || !watches_only {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
@@ -346,21 +347,36 @@ impl ApiServer {
             .name("apiserver".into())
             .spawn(move || {
                 enter(&ns_path);
-                let listener = match TcpListener::bind(addr) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
+                // The old listener's port may take a moment to be free.
+                let t0 = Instant::now();
+                let listener = loop {
+                    match TcpListener::bind(addr) {
+                        Ok(l) => break l,
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::AddrInUse
+                                && t0.elapsed() < Duration::from_secs(5) =>
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
                     }
                 };
                 let _ = tx.send(Ok(listener.as_raw_fd()));
                 accept_loop(listener, shared);
             })
             .unwrap();
-        let fd = rx
-            .recv()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("API server cannot bind {addr}: {e}"));
+        let fd = rx.recv().unwrap().unwrap_or_else(|e| {
+            let ss = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", self.ns_path))
+                .args(["ss", "-tanpe"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!("API server cannot bind {addr}: {e}\n{ss}")
+        });
         *l = Some((fd, h));
     }
 
@@ -380,6 +396,26 @@ impl ApiServer {
         // still owns: it wakes the blocked accept(2), which then fails.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         h.join().expect("accept thread");
+        self.wait_conns(|_| true);
+    }
+
+    /// Waits (at most 5 s) until no connection is left for which `gone`
+    /// holds (given its watch epoch).
+    fn wait_conns(&self, gone: impl Fn(Option<u64>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut st = self.shared.lock();
+        while st.conns.values().any(|c| gone(c.1)) {
+            let now = Instant::now();
+            if now >= deadline {
+                panic!("API server: connections did not close within 5 s");
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// [`stop`](Self::stop) then [`resume`](Self::resume).
@@ -389,9 +425,15 @@ impl ApiServer {
     }
 
     /// Cuts every watch connection mid-stream.
+    /// Returns once they are all gone (new ones may have started).
     pub fn drop_watches(&self) {
-        self.shared.lock().cut(true);
+        let epoch = {
+            let mut st = self.shared.lock();
+            st.cut(true);
+            st.epoch
+        };
         self.shared.cond.notify_all();
+        self.wait_conns(|w| w.is_some_and(|e| e < epoch));
     }
 
     /// Forgets history: a watch from any resourceVersion older than the
@@ -407,8 +449,10 @@ impl ApiServer {
     }
 
     /// Ends every watch after at most `d` (whatever timeoutSeconds asked).
+    /// (Running watches too, counted from their start.)
     pub fn set_watch_cap(&self, d: Option<Duration>) {
         self.shared.lock().watch_cap = d;
+        self.shared.cond.notify_all();
     }
 
     /// The current global resourceVersion.
@@ -496,7 +540,12 @@ impl ApiServer {
 
     /// How many watches are streaming now.
     pub fn open_watches(&self) -> usize {
-        self.shared.lock().conns.values().filter(|c| c.1).count()
+        self.shared
+            .lock()
+            .conns
+            .values()
+            .filter(|c| c.1.is_some())
+            .count()
     }
 }
 
@@ -529,7 +578,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             st.next_conn += 1;
             let id = st.next_conn;
             if let Ok(c) = stream.try_clone() {
-                st.conns.insert(id, (c, false));
+                st.conns.insert(id, (c, None));
             }
             id
         };
@@ -537,6 +586,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         std::thread::spawn(move || {
             let _ = serve_conn(&shared, id, stream, peer);
             shared.lock().conns.remove(&id);
+            shared.cond.notify_all();
         });
     }
 }
@@ -730,12 +780,17 @@ fn serve_conn(
         if req.method == "GET" && entry.is_watch() {
             if let Some(route) = route(&req.path).filter(|r| r.name.is_none()) {
                 shared.lock().log.push(entry);
-                if let Some((_, watch)) = shared.lock().conns.get_mut(&id) {
-                    *watch = true;
-                }
-                watch(shared, &route, &req, &mut w)?;
-                if let Some((_, watch)) = shared.lock().conns.get_mut(&id) {
-                    *watch = false;
+                let epoch = {
+                    let mut st = shared.lock();
+                    let e = st.epoch;
+                    if let Some(c) = st.conns.get_mut(&id) {
+                        c.1 = Some(e);
+                    }
+                    e
+                };
+                watch(shared, &route, &req, &mut w, epoch)?;
+                if let Some(c) = shared.lock().conns.get_mut(&id) {
+                    c.1 = None;
                 }
                 if close {
                     return Ok(());
@@ -1009,13 +1064,19 @@ fn write(shared: &Shared, rt: &Route, name: &str, req: &HttpRequest) -> (u16, Va
 // ---------------------------------------------------------------------------
 // Watch
 
-fn watch(shared: &Shared, rt: &Route, req: &HttpRequest, w: &mut TcpStream) -> std::io::Result<()> {
+fn watch(
+    shared: &Shared,
+    rt: &Route,
+    req: &HttpRequest,
+    w: &mut TcpStream,
+    epoch: u64,
+) -> std::io::Result<()> {
     let sel = Selector::parse(req);
     let bookmarks = req.param("allowWatchBookmarks") == Some("true");
     let initial_events = req.param("sendInitialEvents") == Some("true");
     let from = req.param("resourceVersion").unwrap_or("");
     let start = Instant::now();
-    let mut deadline = req
+    let asked = req
         .param("timeoutSeconds")
         .and_then(|s| s.parse::<u64>().ok())
         .map(|s| start + Duration::from_secs(s));
@@ -1049,12 +1110,8 @@ fn watch(shared: &Shared, rt: &Route, req: &HttpRequest, w: &mut TcpStream) -> s
         o
     };
 
-    let (epoch, mut pos, initial) = {
+    let (mut pos, initial) = {
         let st = shared.lock();
-        if let Some(cap) = st.watch_cap {
-            let capped = start + cap;
-            deadline = Some(deadline.map_or(capped, |d| d.min(capped)));
-        }
         match from.parse::<u64>() {
             Ok(rv) if rv > 0 && !initial_events => {
                 if rv < st.compacted {
@@ -1067,7 +1124,7 @@ fn watch(shared: &Shared, rt: &Route, req: &HttpRequest, w: &mut TcpStream) -> s
                     send(w, "ERROR", &s)?;
                     return write!(w, "0\r\n\r\n").and_then(|_| w.flush());
                 }
-                (st.epoch, rv, Vec::new())
+                (rv, Vec::new())
             }
             _ => {
                 let objs: Vec<Value> = st
@@ -1076,7 +1133,7 @@ fn watch(shared: &Shared, rt: &Route, req: &HttpRequest, w: &mut TcpStream) -> s
                     .filter(|(k, o)| in_scope(rt, k) && sel.matches(o))
                     .map(|(_, o)| o.clone())
                     .collect();
-                (st.epoch, st.rv, objs)
+                (st.rv, objs)
             }
         }
     };
@@ -1129,6 +1186,11 @@ fn watch(shared: &Shared, rt: &Route, req: &HttpRequest, w: &mut TcpStream) -> s
                 if !out.is_empty() {
                     break;
                 }
+                // timeoutSeconds, and the cap as it is now.
+                let deadline = match (asked, st.watch_cap) {
+                    (Some(d), Some(cap)) => Some(d.min(start + cap)),
+                    (d, cap) => d.or(cap.map(|c| start + c)),
+                };
                 if deadline.is_some_and(|d| now >= d) {
                     drop(st);
                     return write!(w, "0\r\n\r\n").and_then(|_| w.flush());
