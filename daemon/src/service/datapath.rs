@@ -90,7 +90,7 @@ impl Batch {
         self.next_id
     }
 
-    fn set(&self, name: &'static str) -> SetLookup<'static> {
+    fn set<'a>(&self, name: &'a str) -> SetLookup<'a> {
         SetLookup {
             name,
             id: self.ids.get(name).copied(),
@@ -141,7 +141,7 @@ fn map_spec(m: MapName, id: u32) -> SetSpec {
         MapName::ClusterIps => (A, 4, None),
         MapName::Hairpin => (cat(&[A, A]), 8, None),
         // chain key (8 bytes) . index : endpoint; chain key . endpoint.
-        MapName::Endpoints => (cat(&[I, I]), 12, Some((cat(&[A, S]), 8))),
+        MapName::Endpoints(_) => (cat(&[I, I]), 12, Some((cat(&[A, S]), 8))),
         MapName::ChainEndpoints => (cat(&[I, A, S]), 16, None),
     };
     let _ = TYPE_VERDICT;
@@ -221,13 +221,14 @@ fn ct_marked() -> [Expressions; 3] {
 
 fn skeleton(b: &mut Batch) {
     b.reqs.push(b.t.add());
-    for m in MapName::ALL {
+    for m in MapName::all() {
         let id = b.id();
         b.add_set(map_spec(m, id));
     }
     for c in [SERVICES, REJECT_SERVICES, REJECT_CHAIN] {
         b.reqs.push(b.t.add_chain(&regular(c), true));
     }
+
     let tag = SKELETON_TAG;
     let (si, np) = (
         b.set(MapName::ServiceIps.name()),
@@ -424,7 +425,7 @@ fn chain_rules(b: &mut Batch, chain: &str, rules: &[Rule]) {
                 count,
                 affinity,
             } => {
-                let eps = b.set(MapName::Endpoints.name());
+                let eps = b.set(MapName::endpoints_of(*key).name());
                 let key = key.to_be_bytes().to_vec();
                 match affinity {
                     None => out.push((
@@ -434,7 +435,7 @@ fn chain_rules(b: &mut Batch, chain: &str, rules: &[Rule]) {
                             expr::lookup_map(eps, reg32(0), reg32(0)),
                             expr::dnat_v4(reg32(0), Some(reg32(1))),
                         ],
-                        "dnat to key . numgen random map @endpoints",
+                        "dnat to key . numgen random map @endpoints-NN",
                     )),
                     Some(aff) => {
                         let current = b.set(MapName::ChainEndpoints.name());
@@ -552,9 +553,7 @@ fn observe(nl: &mut Nfnl) -> Result<Option<Option<Written>>, NftError> {
     let skeleton_ok = SKELETON_CHAINS
         .iter()
         .all(|c| last_tag.get(*c).and_then(|t| t.as_deref()) == Some(SKELETON_TAG))
-        && MapName::ALL
-            .iter()
-            .all(|m| sets.iter().any(|s| s == m.name()));
+        && MapName::all().all(|m| sets.iter().any(|s| s == m.name()));
     if !skeleton_ok {
         return Ok(Some(None));
     }
@@ -569,7 +568,7 @@ fn observe(nl: &mut Nfnl) -> Result<Option<Option<Written>>, NftError> {
             w.chains.insert(c, fp);
         }
     }
-    for m in MapName::ALL {
+    for m in MapName::all() {
         let elems = reply::parse_elems(&nl.request(&t.dump_elems(m.name()))?);
         let map = w.elems.entry(m).or_default();
         for e in elems {

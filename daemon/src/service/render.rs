@@ -37,26 +37,39 @@ pub enum MapName {
     /// ClusterIP is refused.
     ServicePorts,
     Hairpin,
-    /// `chain key . index : endpoint` for every Service chain: what
-    /// `numgen` picks from.
-    Endpoints,
+    /// `chain key . index : endpoint`: what `numgen` picks from, in one of
+    /// [`ENDPOINT_SHARDS`] maps by chain key. Not one map for all: the
+    /// kernel checks every element added to a data map against every rule
+    /// that binds the map (10k chains binding one map made a full load
+    /// take seconds); not one per chain: it finds sets by name with a walk
+    /// over all of the table's sets.
+    Endpoints(u8),
     /// `chain key . endpoint`: the current endpoints of chains with
     /// affinity (a pinned endpoint that is gone does not count).
     ChainEndpoints,
 }
 
 impl MapName {
-    pub const ALL: [MapName; 9] = [
-        MapName::ServiceIps,
-        MapName::NodePorts,
-        MapName::NoEndpointIps,
-        MapName::NoEndpointPorts,
-        MapName::ClusterIps,
-        MapName::ServicePorts,
-        MapName::Hairpin,
-        MapName::Endpoints,
-        MapName::ChainEndpoints,
-    ];
+    /// Every map and set of the skeleton.
+    pub fn all() -> impl Iterator<Item = MapName> {
+        [
+            MapName::ServiceIps,
+            MapName::NodePorts,
+            MapName::NoEndpointIps,
+            MapName::NoEndpointPorts,
+            MapName::ClusterIps,
+            MapName::ServicePorts,
+            MapName::Hairpin,
+            MapName::ChainEndpoints,
+        ]
+        .into_iter()
+        .chain((0..ENDPOINT_SHARDS).map(MapName::Endpoints))
+    }
+
+    /// The shard of `endpoints` that holds a chain's endpoints.
+    pub fn endpoints_of(key: u64) -> MapName {
+        MapName::Endpoints((key % u64::from(ENDPOINT_SHARDS)) as u8)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,8 +80,8 @@ impl MapName {
             MapName::ClusterIps => "cluster-ips",
             MapName::ServicePorts => "service-ports",
             MapName::Hairpin => "hairpin",
-            MapName::Endpoints => "endpoints",
             MapName::ChainEndpoints => "chain-endpoints",
+            MapName::Endpoints(i) => &SHARD_NAMES[usize::from(i)],
         }
     }
 }
@@ -90,6 +103,14 @@ pub const REJECT_CHAIN: &str = "reject";
 pub const SVC_PREFIX: &str = "svc-";
 pub const EXT_PREFIX: &str = "ext-";
 pub const AFFINITY_PREFIX: &str = "aff-";
+/// How many maps the endpoints are spread over ([`MapName::Endpoints`]).
+pub const ENDPOINT_SHARDS: u8 = 64;
+
+static SHARD_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    (0..ENDPOINT_SHARDS)
+        .map(|i| format!("endpoints-{i:02x}"))
+        .collect()
+});
 
 /// One rule of a Service chain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -250,7 +271,11 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
             let key = chain_key(&chain);
             for (i, ep) in eps.iter().enumerate() {
                 let slot = endpoint_slot(key, i as u32);
-                rs.put(MapName::Endpoints, slot, Target::Value(ep_data(*ep)));
+                rs.put(
+                    MapName::endpoints_of(key),
+                    slot,
+                    Target::Value(ep_data(*ep)),
+                );
             }
             let affinity = p.affinity.map(|timeout_s| {
                 let name = format!("{AFFINITY_PREFIX}{}-{timeout_s}-{h}", &chain[..3]);
@@ -385,7 +410,7 @@ pub fn diff(old: &Written, new: &Written) -> Changes {
         .cloned()
         .collect();
     let empty = BTreeMap::new();
-    for map in MapName::ALL {
+    for map in MapName::all() {
         let (o, n) = (
             old.elems.get(&map).unwrap_or(&empty),
             new.elems.get(&map).unwrap_or(&empty),
@@ -451,7 +476,7 @@ mod tests {
             }
             MapName::ClusterIps => ip(k),
             MapName::Hairpin => format!("{} . {}", ip(&k[0..4]), ip(&k[4..8])),
-            MapName::Endpoints => format!(
+            MapName::Endpoints(_) => format!(
                 "{:016x} . {}",
                 u64::from_be_bytes(k[0..8].try_into().unwrap()),
                 u32::from_ne_bytes(k[8..12].try_into().unwrap())
@@ -580,7 +605,13 @@ mod tests {
         assert_eq!(d.write_chains.len(), 2, "{d:?}");
         // ... and each gets its second endpoint slot.
         assert!(d.del_chains.is_empty() && d.elements() == 2, "{d:?}");
-        assert_eq!(d.add_elems[&MapName::Endpoints].len(), 2);
+        let slots: usize = d
+            .add_elems
+            .iter()
+            .filter(|(m, _)| matches!(m, MapName::Endpoints(_)))
+            .map(|(_, v)| v.len())
+            .sum();
+        assert_eq!(slots, 2);
         // The same count of endpoints, one replaced: no chain is written,
         // only the two slots change (a delete and an add each).
         let three = Targets::Endpoints(vec![ep("10.244.1.5", 8080), ep("10.244.3.5", 8080)]);
