@@ -685,6 +685,10 @@ impl Inner {
             }
         };
         let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
+        // One file is synced on its own; many are synced together with one
+        // syncfs(2) before any rename: an fsync per file made applying 10k
+        // Services take half a minute.
+        let one = files.len() == 1;
         for (path, data) in files {
             let dir = path.parent().expect("a file under the store").to_path_buf();
             let tmp = dir.join(tmp_name());
@@ -692,7 +696,10 @@ impl Inner {
                 fs::create_dir_all(&dir)?;
                 let mut f = File::create(&tmp)?;
                 f.write_all(&data)?;
-                f.sync_all()
+                if one {
+                    f.sync_all()?;
+                }
+                Ok(())
             })();
             if let Err(e) = res {
                 let _ = fs::remove_file(&tmp);
@@ -700,6 +707,14 @@ impl Inner {
                 return Err(self.err(format!("cannot write {}", path.display()), e));
             }
             staged.push((tmp, path));
+        }
+        if let Some((tmp, _)) = staged.first().filter(|_| !one) {
+            let synced =
+                File::open(tmp).and_then(|f| nix::unistd::syncfs(&f).map_err(std::io::Error::from));
+            if let Err(e) = synced {
+                unstage(&staged);
+                return Err(self.err("cannot sync the store's files", e));
+            }
         }
         for (i, (tmp, path)) in staged.iter().enumerate() {
             if let Err(e) = fs::rename(tmp, path) {
