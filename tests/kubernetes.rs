@@ -86,6 +86,24 @@ fn nodes_annotations_condition_mesh_and_node_lifecycle() {
     });
     c.wait_all_ready();
 
+    // ferryctl status names the API server and how each watch stands.
+    let out = c.nodes[0]
+        .ns
+        .exec(&[ferry_e2e::ferryctl_bin().to_str().unwrap(), "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("API server:") && l.contains(&c.api().url())),
+        "{text}"
+    );
+    for kind in ["Nodes", "Services", "EndpointSlices"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("Watch {kind}:")) && l.contains("watching")),
+            "{kind} in\n{text}"
+        );
+    }
+
     for (i, n) in c.nodes.iter().enumerate() {
         assert_eq!(
             n.subnet(),

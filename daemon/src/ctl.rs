@@ -436,6 +436,22 @@ pub fn status_text(body: &str) -> Result<String, String> {
     if let Some(e) = sv["lastError"].as_str().filter(|e| !e.is_empty()) {
         line("Last error:", e.to_string());
     }
+    let src = &v["source"];
+    if let Some(api) = src["apiServer"].as_str() {
+        line("API server:", api.to_string());
+    }
+    if let Some(w) = src["watches"].as_object() {
+        for (kind, st) in w {
+            line(
+                &format!("Watch {kind}:"),
+                format!(
+                    "{}, last event {}",
+                    st["state"].as_str().unwrap_or("?"),
+                    when(&st["lastEventUnix"])
+                ),
+            );
+        }
+    }
     Ok(out)
 }
 
@@ -884,6 +900,14 @@ prod        np-1    np        <unset>
             assert!(t.contains(want), "{want:?} in\n{t}");
         }
         assert!(status_text("nope").is_err());
+        let kube = r#"{"services":{},"source":{"apiServer":"https://cp:6443",
+            "watches":{"nodes":{"synced":true,"state":"watching","lastEventUnix":0}}}}"#;
+        let t = status_text(kube).unwrap();
+        assert!(t.contains("API server:         https://cp:6443\n"), "{t}");
+        assert!(
+            t.contains("Watch nodes:        watching, last event never\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -497,6 +497,9 @@ async fn cluster_source<S: ClusterState>(
                 }
             }
         }
+        if let Ok(mut s) = status.source.lock() {
+            *s = store.describe();
+        }
         // A change that lands while the store is read is seen by the next
         // read: `changed` only has to wake us, not carry the change. No
         // settling delay: reads are from memory, and a burst of events

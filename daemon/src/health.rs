@@ -23,6 +23,8 @@ pub struct Status {
     pub store_errors: AtomicU64,
     /// This node's pod subnet, once registered.
     pub subnet: Mutex<String>,
+    /// The cluster source's own account ([`crate::store::ClusterState::describe`]).
+    pub source: Mutex<serde_json::Value>,
     pub services: ServicesStatus,
 }
 
@@ -145,6 +147,7 @@ impl Status {
             "reconcileErrors": self.reconcile_errors.load(Relaxed),
             "storeErrors": self.store_errors.load(Relaxed),
             "lastReconcileUnix": self.last_success_unix.load(Relaxed),
+            "source": self.source.lock().map(|s| s.clone()).unwrap_or_default(),
             "services": {
                 "ports": sv.ports.load(Relaxed),
                 "endpoints": sv.endpoints.load(Relaxed),

@@ -826,6 +826,24 @@ impl Membership for KubeStore {
 }
 
 impl ClusterState for KubeStore {
+    fn describe(&self) -> serde_json::Value {
+        let watches: serde_json::Map<String, serde_json::Value> = self
+            .watch_states()
+            .into_iter()
+            .map(|(kind, w)| {
+                (
+                    kind.to_string(),
+                    serde_json::json!({
+                        "synced": w.synced,
+                        "state": w.state,
+                        "lastEventUnix": w.last_event_unix,
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({"apiServer": self.server(), "watches": watches})
+    }
+
     async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
         self.synced(&[Which::Nodes]).await?;
         let mut out = Vec::new();

@@ -173,6 +173,11 @@ pub trait ClusterState: Send + Sync + 'static {
     fn resync(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// What this source reads from and how its watches stand, for
+    /// `/status` (`ferryctl status`); `null` when there is nothing to add.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// What [`ServiceWrites::apply`] did to one object, as kubectl says it.
