@@ -147,6 +147,12 @@ fn clusterip_spreads_keeps_source_and_follows_endpoints() {
         &answers[..3]
     );
 
+    // nft, the tool users debug with, can print the table (it aborted on
+    // a key typed as a concatenation of plain integers once).
+    let listing = node.ns.nft_ruleset();
+    assert!(listing.contains("dnat ip to"), "{listing}");
+    assert!(!node.ns.nft_names("map", Some("ferry-svc")).is_empty());
+
     // The same state again, read from the kernel: nothing to write.
     let s = node.sync(&web(&[0, 1], ""), true);
     assert!(

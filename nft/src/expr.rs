@@ -34,6 +34,7 @@ pub const TYPE_IPV4_ADDR: u32 = 7;
 pub const TYPE_IPV6_ADDR: u32 = 8;
 pub const TYPE_INET_PROTOCOL: u32 = 12;
 pub const TYPE_INET_SERVICE: u32 = 13;
+pub const TYPE_MARK: u32 = 19;
 
 /// The type id of a concatenation of datatypes.
 pub fn concat_type(types: &[u32]) -> u32 {

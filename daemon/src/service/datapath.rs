@@ -132,7 +132,7 @@ impl Batch {
 
 fn map_spec(m: MapName, id: u32) -> SetSpec {
     use expr::{concat_type as cat, TYPE_INET_PROTOCOL as P, TYPE_INET_SERVICE as S};
-    use expr::{TYPE_INTEGER as I, TYPE_IPV4_ADDR as A, TYPE_VERDICT};
+    use expr::{TYPE_IPV4_ADDR as A, TYPE_MARK as M, TYPE_VERDICT};
     let verdict = Some((nft::NFT_DATA_VERDICT, 0));
     let (key_type, key_len, data) = match m {
         MapName::ServiceIps | MapName::NoEndpointIps => (cat(&[A, P, S]), 12, verdict),
@@ -141,8 +141,12 @@ fn map_spec(m: MapName, id: u32) -> SetSpec {
         MapName::ClusterIps => (A, 4, None),
         MapName::Hairpin => (cat(&[A, A]), 8, None),
         // chain key (8 bytes) . index : endpoint; chain key . endpoint.
-        MapName::Endpoints(_) => (cat(&[I, I]), 12, Some((cat(&[A, S]), 8))),
-        MapName::ChainEndpoints => (cat(&[I, A, S]), 16, None),
+        // Typed as 32-bit marks: nft can print those (it aborts on a
+        // concatenation of plain integers, which have no size of their
+        // own), and the index shows right (a mark is in host byte order,
+        // as numgen writes it).
+        MapName::Endpoints(_) => (cat(&[M, M, M]), 12, Some((cat(&[A, S]), 8))),
+        MapName::ChainEndpoints => (cat(&[M, M, A, S]), 16, None),
     };
     let _ = TYPE_VERDICT;
     SetSpec {
