@@ -181,7 +181,10 @@ fn file_errors_are_clear_and_change_nothing() {
 
     let (code, err) = run(&["--store", "nope:x"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("expected file:DIR or etcd:URL"), "{err}");
+    assert!(
+        err.contains("expected file:DIR, etcd:URL[,URL...] or kubernetes"),
+        "{err}"
+    );
     let (code, err) = run(&["--cluster-cidr", "10.244.1.0/16"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("host bits"), "{err}");
