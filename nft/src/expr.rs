@@ -28,8 +28,6 @@ pub const BASE_TRANSPORT: u32 = 2;
 
 /// nft's datatype ids (`enum datatypes` in nftables' datatype.h), for set
 /// key types; a concatenation is the ids shifted by 6 bits each.
-pub const TYPE_VERDICT: u32 = 1;
-pub const TYPE_INTEGER: u32 = 4;
 pub const TYPE_IPV4_ADDR: u32 = 7;
 pub const TYPE_IPV6_ADDR: u32 = 8;
 pub const TYPE_INET_PROTOCOL: u32 = 12;

@@ -132,7 +132,7 @@ impl Batch {
 
 fn map_spec(m: MapName, id: u32) -> SetSpec {
     use expr::{concat_type as cat, TYPE_INET_PROTOCOL as P, TYPE_INET_SERVICE as S};
-    use expr::{TYPE_IPV4_ADDR as A, TYPE_MARK as M, TYPE_VERDICT};
+    use expr::{TYPE_IPV4_ADDR as A, TYPE_MARK as M};
     let verdict = Some((nft::NFT_DATA_VERDICT, 0));
     let (key_type, key_len, data) = match m {
         MapName::ServiceIps | MapName::NoEndpointIps => (cat(&[A, P, S]), 12, verdict),
@@ -148,7 +148,6 @@ fn map_spec(m: MapName, id: u32) -> SetSpec {
         MapName::Endpoints(_) => (cat(&[M, M, M]), 12, Some((cat(&[A, S]), 8))),
         MapName::ChainEndpoints => (cat(&[M, M, A, S]), 16, None),
     };
-    let _ = TYPE_VERDICT;
     SetSpec {
         name: m.name().into(),
         id,
