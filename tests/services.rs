@@ -9,7 +9,7 @@ use std::time::Duration;
 use ferry_e2e::cluster::{
     finish, tcp_send, tcp_sink, wait_accepted, Cluster, Opts, StoreKind, OUTSIDE_IP,
 };
-use ferry_e2e::traffic::{ask, assert_fair, tally, who_server, Answer, WhoServer};
+use ferry_e2e::traffic::{ask, assert_fair, tally, web_yaml, who_server, Answer, WhoServer};
 use ferry_e2e::{require_root, wait_until, Netns};
 
 const CIP: &str = "10.96.0.10";
@@ -63,23 +63,7 @@ impl Fixture {
                 )
             })
             .collect();
-        format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: web}}
-spec:
-  clusterIP: {CIP}
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-{spec}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints:
-{endpoints}"#
-        )
+        web_yaml(CIP, spec, &endpoints)
     }
 
     /// Waits until `from` gets an answer matching `want` from ip:port.

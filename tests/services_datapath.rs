@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ferry_e2e::traffic::{ask, assert_fair, tally, who_server, Answer};
+use ferry_e2e::traffic::{ask, assert_fair, tally, web_yaml, who_server, Answer};
 use ferry_e2e::{require_root, Netns};
 use ferryd::service::datapath::{Datapath, SyncStats};
 use ferryd::service::plan::plan;
@@ -101,24 +101,7 @@ fn web(eps: &[usize], spec_extra: &str) -> String {
         .iter()
         .map(|i| format!("- {{addresses: [10.244.1.{}], nodeName: {NODE}}}\n", 10 + i))
         .collect();
-    format!(
-        r#"
-apiVersion: v1
-kind: Service
-metadata: {{name: web}}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
-{spec_extra}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints:
-{endpoints}"#
-    )
+    web_yaml("10.96.0.10", spec_extra, &endpoints)
 }
 
 const T: Duration = Duration::from_secs(2);

@@ -39,9 +39,8 @@ use netlink_packet_netfilter::nftables::{
 };
 use nft::expr::{self, Reg};
 use nft::reply::{nla, RawMsg};
-use nft::{Chain, Hook, Nfnl, NftError, Req, Table};
+use nft::{lock_netns, Chain, Hook, Nfnl, NftError, Req, Table};
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 
 pub const TABLE: &str = "ferry";
 pub const CHAIN: &str = "node-postrouting";
@@ -322,24 +321,6 @@ pub fn ensure(enabled: bool, subnet: Ipv4Network, cluster: Ipv4Network) -> Resul
             }
         }
     })
-}
-
-/// The calling thread's network namespace: setns(2) moves one thread, and
-/// `/proc/self` would name the thread-group leader's.
-const NETNS_FILE: &str = "/proc/thread-self/ns/net";
-
-/// The plugin's lock (plugin/src/nft.rs `lock_netns`): an exclusive flock on
-/// the namespace's nsfs inode, which every process that opens the file
-/// shares. Held until dropped.
-fn lock_netns() -> Result<Flock<File>, NftError> {
-    let mut file = File::open(NETNS_FILE).map_err(NftError::Netns)?;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusive) {
-            Ok(l) => return Ok(l),
-            Err((f, Errno::EINTR)) => file = f,
-            Err((_, e)) => return Err(NftError::Netns(e.into())),
-        }
-    }
 }
 
 /// One socket kept across reconciles (they come every few seconds, from

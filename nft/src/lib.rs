@@ -68,6 +68,27 @@ impl NftError {
     }
 }
 
+/// The calling thread's network namespace. `/proc/thread-self`, not
+/// `/proc/self`: setns(2) moves only the calling thread, and `/proc/self`
+/// names the thread-group leader.
+pub const NETNS_FILE: &str = "/proc/thread-self/ns/net";
+
+/// The lock every writer of a namespace's nftables takes (the plugin's
+/// processes and ferryd alike), so that their read-modify-write sequences
+/// never interleave: an exclusive flock(2) on the namespace's nsfs file,
+/// whose inode every process that opens it shares. Held until dropped.
+pub fn lock_netns() -> Result<nix::fcntl::Flock<std::fs::File>, NftError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut file = std::fs::File::open(NETNS_FILE).map_err(NftError::Netns)?;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusive) {
+            Ok(l) => return Ok(l),
+            Err((f, Errno::EINTR)) => file = f,
+            Err((_, e)) => return Err(NftError::Netns(e.into())),
+        }
+    }
+}
+
 /// 64-bit FNV-1a: stable short names for chains derived from what they
 /// serve (a network, a Service port), the same across versions and hosts.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {

@@ -38,11 +38,11 @@ use std::os::unix::fs::MetadataExt;
 
 use ipnetwork::IpNetwork;
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 
 pub use msg::{net_chain_name, MAX_KEY_LEN, TABLE};
 use msg::{Elem, BASE_CHAIN, MAP4, MAP6, NET_CHAIN_PREFIX, OWN_PREFIX};
 pub use nfnl::NftError;
+use nfnl::{lock_netns, NETNS_FILE};
 use nfnl::{Nfnl, Req};
 
 /// One pod IP to masquerade.
@@ -303,11 +303,6 @@ fn retry(mut f: impl FnMut() -> Result<(), NftError>) -> Result<(), NftError> {
     }
 }
 
-/// The calling thread's network namespace. `/proc/thread-self`, not
-/// `/proc/self`: setns(2) moves only the calling thread, and `/proc/self`
-/// names the thread-group leader.
-const NETNS_FILE: &str = "/proc/thread-self/ns/net";
-
 thread_local! {
     /// This thread's nfnetlink socket and the namespace (nsfs dev, inode)
     /// it was opened in. Kept open across calls on purpose: closing an
@@ -478,20 +473,6 @@ mod keeper {
             },
             Ok(ForkResult::Parent { .. }) => true,
             Err(_) => false,
-        }
-    }
-}
-
-/// Exclusive lock for the current network namespace, held until dropped.
-/// flock(2) on the nsfs file locks the namespace's inode, shared by every
-/// process that opens it.
-fn lock_netns() -> Result<Flock<File>, NftError> {
-    let mut file = File::open(NETNS_FILE).map_err(NftError::Netns)?;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusive) {
-            Ok(l) => return Ok(l),
-            Err((f, Errno::EINTR)) => file = f,
-            Err((_, e)) => return Err(NftError::Netns(e.into())),
         }
     }
 }

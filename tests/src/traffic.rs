@@ -167,3 +167,26 @@ pub fn assert_fair(t: &BTreeMap<String, usize>, names: &[&str], n: usize, tolera
     let total: usize = names.iter().map(|n| t.get(*n).unwrap_or(&0)).sum();
     assert_eq!(total, n, "other answers: {t:?}");
 }
+
+/// Service `web` on `cluster_ip`:80 → 8080 (`spec` lines added to its
+/// spec) and its EndpointSlice `web-1` listing `endpoints` (YAML list
+/// items, one per line), as a user would write them.
+pub fn web_yaml(cluster_ip: &str, spec: &str, endpoints: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  clusterIP: {cluster_ip}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+{spec}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+{endpoints}"#
+    )
+}
