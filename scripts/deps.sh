@@ -41,7 +41,7 @@ ferry_demo_deps() {
 # Everything the tests and benchmarks run against.
 ferry_install_deps() {
   ferry_demo_deps
-  ferry_need conntrack:conntrack iptables:iptables etcd:etcd-server \
+  ferry_need conntrack:conntrack iptables:iptables etcd:etcd-server etcdctl:etcd-client \
     sysctl:procps /usr/lib/cni/bridge:containernetworking-plugins \
     podman:podman /usr/share/doc/busybox-static:busybox-static
 }

@@ -14,7 +14,7 @@ use ferry_e2e::{ferryctl_bin, python3, require_root, TempDir, Value};
 
 enum Backend {
     File(PathBuf),
-    Etcd(Cluster),
+    Etcd(Box<Cluster>),
 }
 
 /// One store and the way to run `ferryctl` on it.
@@ -57,7 +57,7 @@ impl Ctl {
     /// etcd in the underlay namespace of a cluster without nodes.
     fn etcd() -> Ctl {
         Ctl {
-            backend: Backend::Etcd(Cluster::new(StoreKind::Etcd, 0, Opts::default())),
+            backend: Backend::Etcd(Box::new(Cluster::new(StoreKind::Etcd, 0, Opts::default()))),
             dir: TempDir::new(),
         }
     }

@@ -15,6 +15,7 @@ use ipnetwork::Ipv4Network;
 use serde::Deserialize;
 
 use crate::service::alloc::Ranges;
+use crate::store::etcd_conn::EtcdAccess;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,7 +34,7 @@ pub enum Cmd {
     Run(Box<RunArgs>),
     /// Mark a node as gone: peers remove its routes at once; its subnet
     /// stays reserved until its lease expires.
-    Leave(LeaveArgs),
+    Leave(Box<LeaveArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -46,6 +47,16 @@ pub struct LeaveArgs {
     pub store: Option<String>,
     #[arg(long, env = "FERRYD_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
+    #[arg(long, env = "FERRYD_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    #[arg(long, env = "FERRYD_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "FERRYD_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    #[arg(long, env = "FERRYD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    #[arg(long, env = "FERRYD_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
     /// With `--store kubernetes`: the kubeconfig to use.
     #[arg(long, env = "FERRYD_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -88,6 +99,23 @@ pub struct RunArgs {
     /// Key prefix in etcd [default: /ferry].
     #[arg(long, env = "FERRYD_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
+    /// With an `https://` etcd: the CA that signed etcd's server
+    /// certificate [default: the system's CAs].
+    #[arg(long, env = "FERRYD_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// With an `https://` etcd: this node's client certificate (PEM), for
+    /// etcd's --client-cert-auth.
+    #[arg(long, env = "FERRYD_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The private key of --etcd-cert-file (PEM).
+    #[arg(long, env = "FERRYD_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// An etcd user (etcd's own authentication).
+    #[arg(long, env = "FERRYD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// A file holding --etcd-username's password (never on the command line).
+    #[arg(long, env = "FERRYD_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
     /// With `--store kubernetes`: the kubeconfig to use [default: in-cluster
     /// configuration, else $KUBECONFIG or ~/.kube/config].
     #[arg(long, env = "FERRYD_KUBECONFIG")]
@@ -181,6 +209,11 @@ impl RunArgs {
             subnet_len,
             store,
             etcd_prefix,
+            etcd_ca_file,
+            etcd_cert_file,
+            etcd_key_file,
+            etcd_username,
+            etcd_password_file,
             kubeconfig,
             api_server,
             cni_conf_dir,
@@ -202,6 +235,41 @@ impl RunArgs {
             service_cidr,
             nodeport_range
         ))
+    }
+}
+
+impl RunArgs {
+    /// The etcd flags, checked against the store they go with.
+    pub fn etcd_access(&self, store: &StoreSpec) -> Result<EtcdAccess, ConfigError> {
+        let access = EtcdAccess {
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+            username: self.etcd_username.clone(),
+            password_file: self.etcd_password_file.clone(),
+        };
+        access.check(store.etcd_urls()).map_err(bad)?;
+        Ok(access)
+    }
+}
+
+impl LeaveArgs {
+    /// As `run` flags, to be layered over the config file the same way.
+    pub fn into_run_args(self) -> RunArgs {
+        RunArgs {
+            config: self.config,
+            node_name: self.node_name,
+            store: self.store,
+            etcd_prefix: self.etcd_prefix,
+            etcd_ca_file: self.etcd_ca_file,
+            etcd_cert_file: self.etcd_cert_file,
+            etcd_key_file: self.etcd_key_file,
+            etcd_username: self.etcd_username,
+            etcd_password_file: self.etcd_password_file,
+            kubeconfig: self.kubeconfig,
+            api_server: self.api_server,
+            ..Default::default()
+        }
     }
 }
 
@@ -251,9 +319,12 @@ impl StoreSpec {
                     "--store {s:?}: no etcd endpoint given, e.g. etcd:http://127.0.0.1:2379"
                 )));
             }
-            if let Some(u) = urls.iter().find(|u| !u.starts_with("http://")) {
+            if let Some(u) = urls
+                .iter()
+                .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+            {
                 return Err(bad(format!(
-                    "--store: etcd endpoint {u:?}: only http:// is supported"
+                    "--store: etcd endpoint {u:?}: only http:// and https:// are supported"
                 )));
             }
             return Ok(StoreSpec::Etcd(urls));
@@ -261,6 +332,16 @@ impl StoreSpec {
         Err(bad(format!(
             "--store {s:?}: expected file:DIR, etcd:URL[,URL...] or kubernetes"
         )))
+    }
+}
+
+impl StoreSpec {
+    /// The endpoints of an etcd store.
+    pub fn etcd_urls(&self) -> Option<&[String]> {
+        match self {
+            StoreSpec::Etcd(urls) => Some(urls),
+            _ => None,
+        }
     }
 }
 
@@ -305,6 +386,8 @@ pub struct Settings {
     pub subnet_len: u8,
     pub store: StoreSpec,
     pub etcd_prefix: String,
+    /// `--etcd-ca-file` and the other ways of reaching etcd.
+    pub etcd_access: EtcdAccess,
     /// `--kubeconfig`, `--api-server` (used with `--store kubernetes`).
     pub kubeconfig: Option<PathBuf>,
     pub api_server: Option<String>,
@@ -365,6 +448,8 @@ pub fn default_node_name() -> String {
 impl Settings {
     /// Validates the layered flags; `hostname` is the default node name.
     pub fn resolve(a: RunArgs, hostname: &str) -> Result<Settings, ConfigError> {
+        let store = StoreSpec::parse(a.store.as_deref().unwrap_or("file:/var/lib/ferry/store"))?;
+        let etcd_access = a.etcd_access(&store)?;
         let node_name = a.node_name.unwrap_or_else(|| hostname.to_string());
         if !valid_name(&node_name) {
             return Err(bad(format!(
@@ -403,7 +488,6 @@ impl Settings {
                 cluster_cidr.prefix()
             )));
         }
-        let store = StoreSpec::parse(a.store.as_deref().unwrap_or("file:/var/lib/ferry/store"))?;
         let etcd_prefix = a.etcd_prefix.unwrap_or_else(|| "/ferry".into());
         if !etcd_prefix.starts_with('/') {
             return Err(bad(format!(
@@ -490,6 +574,7 @@ impl Settings {
             subnet_len,
             store,
             etcd_prefix,
+            etcd_access,
             kubeconfig: a.kubeconfig,
             api_server: a.api_server,
             cni_conf_dir: abs_dir("cni-conf-dir", a.cni_conf_dir, "/etc/cni/net.d")?,
@@ -773,6 +858,90 @@ mod tests {
                 Some("FERRYD_API_SERVER".into())
             ]
         );
+    }
+
+    #[test]
+    fn etcd_tls_and_user_flags_env_and_file() {
+        let s = Settings::resolve(
+            args(&[
+                "--store",
+                "etcd:https://10.0.0.5:2379",
+                "--etcd-ca-file",
+                "/pki/ca.pem",
+                "--etcd-cert-file",
+                "/pki/node.pem",
+                "--etcd-key-file",
+                "/pki/node-key.pem",
+                "--etcd-username",
+                "ferry",
+                "--etcd-password-file",
+                "/pki/pw",
+            ]),
+            "h",
+        )
+        .unwrap();
+        assert_eq!(
+            s.etcd_access,
+            EtcdAccess {
+                ca_file: Some("/pki/ca.pem".into()),
+                cert_file: Some("/pki/node.pem".into()),
+                key_file: Some("/pki/node-key.pem".into()),
+                username: Some("ferry".into()),
+                password_file: Some("/pki/pw".into()),
+            }
+        );
+        // A typo in the scheme must not quietly drop TLS.
+        let e = Settings::resolve(
+            args(&[
+                "--store",
+                "etcd:http://10.0.0.5:2379",
+                "--etcd-ca-file",
+                "/ca",
+            ]),
+            "h",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("plain http://"), "{e}");
+        let e = Settings::resolve(args(&["--etcd-username", "ferry"]), "h").unwrap_err();
+        assert!(e.0.contains("only for an etcd store"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("ferryd-cfg-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.json");
+        std::fs::write(
+            &f,
+            r#"{"store": "etcd:https://e:2379", "etcd-ca-file": "/ca", "etcd-username": "u", "etcd-password-file": "/pw"}"#,
+        )
+        .unwrap();
+        let a = args(&["--config", f.to_str().unwrap()])
+            .with_config_file()
+            .unwrap();
+        let s = Settings::resolve(a, "h").unwrap();
+        assert_eq!(s.etcd_access.ca_file, Some(PathBuf::from("/ca")));
+        assert_eq!(s.etcd_access.username.as_deref(), Some("u"));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let cmd = <Cli as clap::CommandFactory>::command();
+        for sub in ["run", "leave"] {
+            let envs: Vec<_> = cmd
+                .find_subcommand(sub)
+                .unwrap()
+                .get_arguments()
+                .filter(|a| a.get_id().as_str().starts_with("etcd_") && a.get_id() != "etcd_prefix")
+                .map(|a| a.get_env().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(
+                envs,
+                [
+                    "FERRYD_ETCD_CA_FILE",
+                    "FERRYD_ETCD_CERT_FILE",
+                    "FERRYD_ETCD_KEY_FILE",
+                    "FERRYD_ETCD_USERNAME",
+                    "FERRYD_ETCD_PASSWORD_FILE"
+                ],
+                "{sub}"
+            );
+        }
     }
 
     #[test]

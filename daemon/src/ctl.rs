@@ -8,6 +8,7 @@
 //! code 1 (usage errors: clap's exit code 2).
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -20,6 +21,7 @@ use crate::service::alloc::Ranges;
 use crate::service::model::{self, Kind, Object, ObjectRef, SERVICE_NAME_LABEL};
 use crate::service::Snapshot;
 use crate::store::etcd::EtcdStore;
+use crate::store::etcd_conn::EtcdAccess;
 use crate::store::file::FileStore;
 use crate::store::{ClusterState, ServiceWrites, StoreError};
 
@@ -51,6 +53,22 @@ pub struct Cli {
         global = true
     )]
     pub etcd_prefix: String,
+    /// With an `https://` etcd: the CA of etcd's server certificate, as
+    /// ferryd's --etcd-ca-file [default: the system's CAs].
+    #[arg(long, env = "FERRY_ETCD_CA_FILE", global = true)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// With an `https://` etcd: a client certificate (PEM).
+    #[arg(long, env = "FERRY_ETCD_CERT_FILE", global = true)]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The private key of --etcd-cert-file (PEM).
+    #[arg(long, env = "FERRY_ETCD_KEY_FILE", global = true)]
+    pub etcd_key_file: Option<PathBuf>,
+    /// An etcd user (etcd's own authentication).
+    #[arg(long, env = "FERRY_ETCD_USERNAME", global = true)]
+    pub etcd_username: Option<String>,
+    /// A file holding --etcd-username's password.
+    #[arg(long, env = "FERRY_ETCD_PASSWORD_FILE", global = true)]
+    pub etcd_password_file: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -354,10 +372,19 @@ pub async fn run(
         };
         return out.write_all(text.as_bytes()).map_err(io_err);
     }
-    match StoreSpec::parse(&cli.store)? {
+    let spec = StoreSpec::parse(&cli.store)?;
+    let access = EtcdAccess {
+        ca_file: cli.etcd_ca_file,
+        cert_file: cli.etcd_cert_file,
+        key_file: cli.etcd_key_file,
+        username: cli.etcd_username,
+        password_file: cli.etcd_password_file,
+    };
+    access.check(spec.etcd_urls()).map_err(CtlError)?;
+    match spec {
         StoreSpec::File(dir) => exec(&FileStore::open(&dir)?, job, out, err).await,
         StoreSpec::Etcd(urls) => {
-            let store = EtcdStore::open(&urls, &cli.etcd_prefix).await?;
+            let store = EtcdStore::open(&urls, &access, &cli.etcd_prefix).await?;
             exec(&store, job, out, err).await
         }
         // The API server allocates and validates Services itself, and

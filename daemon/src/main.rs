@@ -41,40 +41,30 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Leave(a) => {
-            let mut file = ferryd::config::RunArgs {
-                config: a.config,
-                ..Default::default()
-            };
-            if file.config.is_some() {
-                file = match file.with_config_file() {
-                    Ok(f) => f,
-                    Err(ConfigError(e)) => return fail(e, 2),
-                };
-            }
-            let node = a
-                .node_name
-                .or(file.node_name)
-                .unwrap_or_else(default_node_name);
-            let store = match StoreSpec::parse(
-                a.store
-                    .or(file.store)
-                    .as_deref()
-                    .unwrap_or("file:/var/lib/ferry/store"),
-            ) {
-                Ok(s) => s,
+            let a = match (*a).into_run_args().with_config_file() {
+                Ok(a) => a,
                 Err(ConfigError(e)) => return fail(e, 2),
             };
-            let prefix = a
-                .etcd_prefix
-                .or(file.etcd_prefix)
-                .unwrap_or_else(|| "/ferry".into());
-            let kubeconfig = a.kubeconfig.or(file.kubeconfig);
-            let api_server = a.api_server.or(file.api_server);
+            let node = a.node_name.clone().unwrap_or_else(default_node_name);
+            let store =
+                match StoreSpec::parse(a.store.as_deref().unwrap_or("file:/var/lib/ferry/store")) {
+                    Ok(s) => s,
+                    Err(ConfigError(e)) => return fail(e, 2),
+                };
+            let access = match a.etcd_access(&store) {
+                Ok(x) => x,
+                Err(ConfigError(e)) => return fail(e, 2),
+            };
+            let prefix = a.etcd_prefix.unwrap_or_else(|| "/ferry".into());
+            let (kubeconfig, api_server) = (a.kubeconfig, a.api_server);
             let r: Result<(), DaemonError> = runtime().block_on(async {
                 match store {
                     StoreSpec::File(dir) => FileStore::open(&dir)?.leave(&node).await?,
                     StoreSpec::Etcd(urls) => {
-                        EtcdStore::open(&urls, &prefix).await?.leave(&node).await?
+                        EtcdStore::open(&urls, &access, &prefix)
+                            .await?
+                            .leave(&node)
+                            .await?
                     }
                     StoreSpec::Kubernetes => {
                         KubeStore::open(kubeconfig.as_deref(), api_server.as_deref())
@@ -105,7 +95,7 @@ async fn run(s: Settings) -> Result<(), DaemonError> {
             daemon::run(s, store, underlay, listener).await
         }
         StoreSpec::Etcd(urls) => {
-            let store = EtcdStore::open(&urls, &s.etcd_prefix).await?;
+            let store = EtcdStore::open(&urls, &s.etcd_access, &s.etcd_prefix).await?;
             daemon::run(s, store, underlay, listener).await
         }
         StoreSpec::Kubernetes => {

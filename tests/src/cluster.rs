@@ -155,20 +155,57 @@ pub struct Pod {
     pub id: String,
 }
 
+/// How the test etcd serves: plain http on [`ETCD_URL`], or TLS.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    pub tls: Option<EtcdTls>,
+    /// More addresses to listen on (already on the underlay's bridge).
+    pub also_listen: Vec<String>,
+    /// More etcd flags.
+    pub args: Vec<String>,
+}
+
+/// etcd's `--cert-file`/`--key-file`, and with `client_ca` its
+/// `--client-cert-auth --trusted-ca-file`.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub server: crate::pki::Pair,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// `etcd` inside the underlay namespace.
 pub struct Etcd {
     child: Option<Child>,
     dir: TempDir,
+    config: EtcdConfig,
 }
 
 impl Etcd {
-    fn start(underlay: &Netns) -> Etcd {
+    fn start(underlay: &Netns, config: EtcdConfig) -> Etcd {
         let mut etcd = Etcd {
             child: None,
             dir: TempDir::new(),
+            config,
         };
         etcd.spawn(underlay);
         etcd
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The client URL on [`OUTSIDE_IP`].
+    pub fn url(&self) -> String {
+        self.url_on(OUTSIDE_IP)
+    }
+
+    pub fn url_on(&self, ip: &str) -> String {
+        format!("{}://{ip}:2379", self.scheme())
     }
 
     /// Starts etcd (again) on its data dir and waits until it listens.
@@ -180,24 +217,44 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .unwrap();
+        let listen = std::iter::once(OUTSIDE_IP.to_string())
+            .chain(self.config.also_listen.iter().cloned())
+            .map(|ip| self.url_on(&ip))
+            .collect::<Vec<_>>()
+            .join(",");
+        let url = self.url();
+        let mut args: Vec<String> = [
+            "etcd",
+            "--name",
+            "default",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &listen,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "default=http://127.0.0.1:2380",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(tls) = &self.config.tls {
+            args.push(format!("--cert-file={}", tls.server.cert.display()));
+            args.push(format!("--key-file={}", tls.server.key.display()));
+            if let Some(ca) = &tls.client_ca {
+                args.push("--client-cert-auth".into());
+                args.push(format!("--trusted-ca-file={}", ca.display()));
+            }
+        }
+        args.extend(self.config.args.iter().cloned());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let child = underlay
-            .command(&[
-                "etcd",
-                "--name",
-                "default",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen-client-urls",
-                ETCD_URL,
-                "--advertise-client-urls",
-                ETCD_URL,
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "default=http://127.0.0.1:2380",
-            ])
+            .command(&argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -211,6 +268,27 @@ impl Etcd {
                 .success()
         });
         assert!(up, "etcd did not come up: {}", self.log());
+    }
+
+    /// `etcdctl` against this etcd (plain http only), run in the underlay;
+    /// panics unless it succeeds.
+    pub fn ctl(&self, underlay: &Netns, args: &[&str]) -> String {
+        assert!(self.config.tls.is_none(), "etcdctl here speaks plain http");
+        let endpoints = format!("--endpoints={}", self.url());
+        let mut argv = vec!["etcdctl", &endpoints];
+        argv.extend_from_slice(args);
+        let out = underlay
+            .command(&argv)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .output()
+            .expect("etcdctl is installed (package etcd-client)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Kills etcd (SIGKILL), keeping its data.
@@ -242,6 +320,9 @@ pub struct Cluster {
     pub apiserver: Option<Box<ApiServer>>,
     pub underlay: Netns,
     pub etcd: Option<Etcd>,
+    /// Flags that go with `--store` wherever it is given (ferryd run and
+    /// leave, ferryctl): etcd's TLS files and user.
+    pub store_flags: Vec<String>,
     dir: TempDir,
     pod_counter: usize,
 }
@@ -250,6 +331,21 @@ impl Cluster {
     /// The underlay, `n` node namespaces wired to it, and the store; no
     /// ferryd started yet.
     pub fn new(kind: StoreKind, n: usize, opts: Opts) -> Cluster {
+        Cluster::build(kind, n, opts, EtcdConfig::default())
+    }
+
+    /// An etcd cluster whose etcd serves as `etcd` says; `store_flags` go
+    /// with every `--store` (see [`Cluster::store_flags`]).
+    pub fn with_etcd(n: usize, opts: Opts, etcd: EtcdConfig, store_flags: &[&str]) -> Cluster {
+        let mut c = Cluster::build(StoreKind::Etcd, 0, opts, etcd);
+        c.store_flags = store_flags.iter().map(|s| s.to_string()).collect();
+        for _ in 0..n {
+            c.add_node();
+        }
+        c
+    }
+
+    fn build(kind: StoreKind, n: usize, opts: Opts, etcd: EtcdConfig) -> Cluster {
         let dir = TempDir::new();
         let underlay = Netns::new();
         underlay.ok(&["ip", "link", "add", "br0", "type", "bridge"]);
@@ -262,7 +358,10 @@ impl Cluster {
             "br0",
         ]);
         underlay.ok(&["ip", "link", "set", "br0", "up"]);
-        let etcd = (kind == StoreKind::Etcd).then(|| Etcd::start(&underlay));
+        for ip in &etcd.also_listen {
+            underlay.ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "br0"]);
+        }
+        let etcd = (kind == StoreKind::Etcd).then(|| Etcd::start(&underlay, etcd));
         let apiserver = (kind == StoreKind::Kubernetes).then(|| {
             let s = ApiServer::start(&underlay, APISERVER_ADDR);
             std::fs::write(dir.path().join("kubeconfig"), s.kubeconfig()).unwrap();
@@ -276,6 +375,7 @@ impl Cluster {
             apiserver,
             underlay,
             etcd,
+            store_flags: Vec::new(),
             dir,
             pod_counter: 0,
         };
@@ -313,7 +413,7 @@ impl Cluster {
     pub fn store_arg(&self) -> String {
         match self.kind {
             StoreKind::File => format!("file:{}", self.dir.path().join("store").display()),
-            StoreKind::Etcd => format!("etcd:{ETCD_URL}"),
+            StoreKind::Etcd => format!("etcd:{}", self.etcd.as_ref().expect("etcd").url()),
             StoreKind::Kubernetes => "kubernetes".into(),
         }
     }
@@ -327,6 +427,13 @@ impl Cluster {
 
     /// The `ferryd run` arguments for node `i`.
     pub fn ferryd_args(&self, i: usize) -> Vec<String> {
+        let flags: Vec<&str> = self.store_flags.iter().map(String::as_str).collect();
+        self.ferryd_args_with(i, &self.store_arg(), &flags)
+    }
+
+    /// The `ferryd run` arguments for node `i` with another store and
+    /// store flags.
+    pub fn ferryd_args_with(&self, i: usize, store: &str, store_flags: &[&str]) -> Vec<String> {
         let n = &self.nodes[i];
         let d = |p: &str| n.dir.join(p).display().to_string();
         let mut a: Vec<String> = [
@@ -336,7 +443,7 @@ impl Cluster {
             "--underlay-iface",
             "eth0",
             "--store",
-            &self.store_arg(),
+            store,
             "--cluster-cidr",
             CLUSTER_CIDR,
             "--cni-conf-dir",
@@ -357,6 +464,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        a.extend(store_flags.iter().map(|f| f.to_string()));
         if self.opts.direct_routing {
             a.push("--direct-routing".into());
         }
@@ -455,6 +563,7 @@ impl Cluster {
         let bin = crate::ferryctl_bin();
         let store = self.store_arg();
         let mut argv = vec![bin.to_str().unwrap(), "--store", &store];
+        argv.extend(self.store_flags.iter().map(String::as_str));
         argv.extend(args);
         let mut child = self.nodes[0]
             .ns
@@ -495,16 +604,19 @@ impl Cluster {
 
     /// `ferryd leave` for node `i`, run from node `j`'s namespace.
     pub fn leave(&self, i: usize, from: usize) {
+        let (bin, store) = (ferryd_bin(), self.store_arg());
+        let mut argv = vec![
+            bin.to_str().unwrap(),
+            "leave",
+            "--node-name",
+            &self.nodes[i].name,
+            "--store",
+            &store,
+        ];
+        argv.extend(self.store_flags.iter().map(String::as_str));
         let out = self.nodes[from]
             .ns
-            .command(&[
-                ferryd_bin().to_str().unwrap(),
-                "leave",
-                "--node-name",
-                &self.nodes[i].name,
-                "--store",
-                &self.store_arg(),
-            ])
+            .command(&argv)
             .stdin(Stdio::null())
             .output()
             .unwrap();

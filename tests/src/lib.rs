@@ -1161,4 +1161,5 @@ pub fn result_host_veth(result: &Value) -> String {
 }
 pub mod apiserver;
 pub mod cluster;
+pub mod pki;
 pub mod traffic;

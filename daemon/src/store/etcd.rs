@@ -36,12 +36,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use ipnetwork::Ipv4Network;
 use tokio::sync::{Mutex, Notify};
 
+use super::etcd_conn::{self, Conn, EtcdAccess, OP_TIMEOUT};
 use super::snapshot::{self, Cache, Slot, Value};
 use super::{
     decode, decode_ranges, encode, encode_ranges, plan_apply, ranges_to_publish, Applied, Change,
@@ -52,7 +53,6 @@ use crate::service::alloc::Ranges;
 use crate::service::model::{Kind, Object, ObjectRef};
 use crate::service::Snapshot;
 
-const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keys per read: a page of Services stays far below gRPC's 4 MiB.
 const PAGE: i64 = 500;
 /// Writes per transaction, below etcd's default --max-txn-ops 128.
@@ -61,8 +61,7 @@ const TXN_OPS: usize = 100;
 const TXN_BYTES: usize = 1 << 20;
 
 pub struct EtcdStore {
-    client: Client,
-    endpoints: String,
+    conn: Conn,
     /// `<prefix>/`: everything ferry keeps.
     root: String,
     /// `<prefix>/subnets/`.
@@ -110,14 +109,18 @@ struct Kv {
 }
 
 impl EtcdStore {
-    /// Connects and checks that etcd answers; starts the watch.
-    pub async fn open(endpoints: &[String], prefix: &str) -> StoreResult<EtcdStore> {
-        let joined = endpoints.join(",");
+    /// Connects (TLS and login as `access` says) and checks that etcd
+    /// answers; starts the watch.
+    pub async fn open(
+        endpoints: &[String],
+        access: &EtcdAccess,
+        prefix: &str,
+    ) -> StoreResult<EtcdStore> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(OP_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = timed(&joined, "connect", Client::connect(endpoints, Some(opts))).await?;
+        let conn = Conn::open(endpoints, access, opts).await?;
         let root = format!("{}/", prefix.trim_end_matches('/'));
         let shared = Arc::new(Shared {
             cache: Default::default(),
@@ -129,18 +132,16 @@ impl EtcdStore {
             hold: tokio::sync::watch::channel(Hold::Run).0,
         });
         let watch = Watch {
-            client: client.clone(),
-            endpoints: joined.clone(),
+            conn: conn.clone(),
             root: root.clone(),
             shared: shared.clone(),
         };
         // Connecting is lazy: this first listing is also what makes an
-        // unreachable etcd an error now, not later.
+        // unreachable etcd (or a user without permission) an error now.
         let rev = watch.relist().await?;
         tokio::spawn(watch.run(rev + 1));
         Ok(EtcdStore {
-            client,
-            endpoints: joined,
+            conn,
             prefix: format!("{root}subnets/"),
             root,
             shared,
@@ -171,13 +172,14 @@ impl EtcdStore {
     }
 
     async fn list(&self) -> StoreResult<Vec<Kv>> {
-        let mut c = self.client.clone();
-        let resp = timed(
-            &self.endpoints,
-            "list subnets",
-            c.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
-        )
-        .await?;
+        let mut c = self.conn.client();
+        let resp = self
+            .conn
+            .timed(
+                "list subnets",
+                c.get(self.prefix.clone(), Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
         let mut out = Vec::new();
         for kv in resp.kvs() {
             let Some(subnet) = std::str::from_utf8(kv.key())
@@ -203,9 +205,12 @@ impl EtcdStore {
     }
 
     async fn grant(&self, ttl: Duration) -> StoreResult<i64> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let ttl = ttl.as_secs().max(5) as i64;
-        let r = timed(&self.endpoints, "grant lease", c.lease_grant(ttl, None)).await?;
+        let r = self
+            .conn
+            .timed("grant lease", c.lease_grant(ttl, None))
+            .await?;
         Ok(r.id())
     }
 
@@ -216,14 +221,14 @@ impl EtcdStore {
         rec: &NodeRecord,
         lease: i64,
     ) -> StoreResult<bool> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let val = serde_json::to_vec(rec).expect("serialisable");
         let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
             key,
             val,
             Some(PutOptions::new().with_lease(lease)),
         )]);
-        let r = timed(&self.endpoints, "reserve subnet", c.txn(txn)).await?;
+        let r = self.conn.timed("reserve subnet", c.txn(txn)).await?;
         if r.succeeded() {
             self.caught_up(r.header()).await;
         }
@@ -297,7 +302,7 @@ impl EtcdStore {
     }
 
     async fn range(&self, prefix: &str, revision: i64) -> StoreResult<(i64, Vec<KeyValue>)> {
-        range(&self.client, &self.endpoints, prefix, revision).await
+        range(&self.conn, prefix, revision).await
     }
 
     /// All Services and EndpointSlices at one revision, which it returns.
@@ -333,21 +338,19 @@ impl EtcdStore {
     }
 
     async fn read_ranges(&self, revision: i64) -> StoreResult<Option<Ranges>> {
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let key = self.ranges_key();
         let opts = GetOptions::new().with_revision(revision);
-        let resp = timed(
-            &self.endpoints,
-            "read ranges",
-            c.get(key.clone(), Some(opts)),
-        )
-        .await?;
+        let resp = self
+            .conn
+            .timed("read ranges", c.get(key.clone(), Some(opts)))
+            .await?;
         resp.kvs()
             .first()
             .map(|kv| decode_ranges(kv.value()))
             .transpose()
             .map_err(|msg| StoreError::BadRanges {
-                at: format!("etcd {} key {key}", self.endpoints),
+                at: format!("etcd {} key {key}", self.conn.endpoints()),
                 msg,
             })
     }
@@ -407,9 +410,9 @@ impl EtcdStore {
                     .iter()
                     .map(|(_, k, v)| TxnOp::put(k.clone(), v.clone(), None))
                     .collect();
-                let mut c = self.client.clone();
+                let mut c = self.conn.client();
                 let txn = Txn::new().when(guards).and_then(ops);
-                let resp = timed(&self.endpoints, "apply", c.txn(txn)).await?;
+                let resp = self.conn.timed("apply", c.txn(txn)).await?;
                 if !resp.succeeded() {
                     conflict = true;
                     break;
@@ -441,24 +444,19 @@ impl EtcdStore {
 /// Every key under `prefix` at `revision` (0: the latest), a page at a
 /// time; returns the revision read, so that further reads can be made at
 /// the same one.
-async fn range(
-    client: &Client,
-    endpoints: &str,
-    prefix: &str,
-    revision: i64,
-) -> StoreResult<(i64, Vec<KeyValue>)> {
+async fn range(conn: &Conn, prefix: &str, revision: i64) -> StoreResult<(i64, Vec<KeyValue>)> {
     let end = prefix_end(prefix);
     let mut from = prefix.as_bytes().to_vec();
     let mut rev = revision;
     let mut out = Vec::new();
     loop {
-        let mut c = client.clone();
+        let mut c = conn.client();
         let opts = GetOptions::new()
             .with_range(end.clone())
             .with_limit(PAGE)
             .with_revision(rev);
         let what = format!("list {prefix}");
-        let mut resp = timed(endpoints, &what, c.get(from.clone(), Some(opts))).await?;
+        let mut resp = conn.timed(&what, c.get(from.clone(), Some(opts))).await?;
         if rev == 0 {
             rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
@@ -542,8 +540,7 @@ fn apply_event(
 
 /// The task that keeps the snapshot current.
 struct Watch {
-    client: Client,
-    endpoints: String,
+    conn: Conn,
     root: String,
     shared: Arc<Shared>,
 }
@@ -552,7 +549,7 @@ impl Watch {
     /// Lists the whole prefix and takes it as the snapshot; returns the
     /// revision listed, to watch from the one after.
     async fn relist(&self) -> StoreResult<i64> {
-        let (rev, kvs) = range(&self.client, &self.endpoints, &self.root, 0).await?;
+        let (rev, kvs) = range(&self.conn, &self.root, 0).await?;
         let fresh = listed(
             kvs.iter().filter_map(|kv| {
                 let key = std::str::from_utf8(kv.key()).ok()?;
@@ -635,8 +632,24 @@ impl Watch {
                 }
             }
             let opts = WatchOptions::new().with_prefix().with_start_revision(next);
-            let mut c = self.client.clone();
+            let mut c = self.conn.client();
+            let logins = self.conn.logins();
             match c.watch(self.root.clone(), Some(opts)).await {
+                // etcd cancels a watch it does not permit (a token it has
+                // forgotten, a role without the prefix) in its first answer,
+                // which etcd-client takes as the creation: only the id (-1)
+                // tells. A plain request says why, and logs in again if
+                // that is it.
+                Ok((watcher, _)) if watcher.watch_id() < 0 => {
+                    let mut c = self.conn.client();
+                    let check = c.get(
+                        self.root.clone(),
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    );
+                    if let Err(e) = self.conn.timed("watch", check).await {
+                        tracing::warn!("etcd refused the watch: {e}");
+                    }
+                }
                 Ok((_watcher, mut stream)) => loop {
                     tokio::select! {
                         m = stream.message() => match m {
@@ -651,20 +664,28 @@ impl Watch {
                                     break;
                                 }
                                 if resp.canceled() {
-                                    tracing::debug!("etcd watch canceled: {}", resp.cancel_reason());
+                                    let why = resp.cancel_reason();
+                                    tracing::debug!("etcd watch canceled: {why}");
+                                    if etcd_conn::rejects_token(why) {
+                                        self.conn.relogin(logins).await;
+                                    }
                                     break;
                                 }
                             }
                             Ok(None) => break,
                             Err(e) => {
                                 tracing::debug!("etcd watch: {e}");
+                                self.conn.after_error(&e, logins).await;
                                 break;
                             }
                         },
                         _ = self.shared.held() => break,
                     }
                 },
-                Err(e) => tracing::debug!("etcd watch: {e}"),
+                Err(e) => {
+                    tracing::debug!("etcd watch: {e}");
+                    self.conn.after_error(&e, logins).await;
+                }
             }
             if self.shared.wait_released().await {
                 continue;
@@ -731,26 +752,6 @@ fn chunks<T>(writes: &[(T, String, Vec<u8>)]) -> Vec<&[(T, String, Vec<u8>)]> {
     out
 }
 
-async fn timed<T>(
-    endpoints: &str,
-    what: &str,
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> StoreResult<T> {
-    match tokio::time::timeout(OP_TIMEOUT, f).await {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(source)) => Err(StoreError::Etcd {
-            endpoints: endpoints.to_string(),
-            what: what.to_string(),
-            source,
-        }),
-        Err(_) => Err(StoreError::EtcdTimeout {
-            endpoints: endpoints.to_string(),
-            what: what.to_string(),
-            secs: OP_TIMEOUT.as_secs(),
-        }),
-    }
-}
-
 const ATTEMPTS: u32 = 32;
 
 impl Membership for EtcdStore {
@@ -790,16 +791,17 @@ impl Membership for EtcdStore {
             if self.put_if(cmp, self.key(subnet), &rec, lease).await? {
                 if let Some(old) = old_lease.filter(|l| *l != 0 && *l != lease) {
                     // The key moved to the new lease; the old one holds nothing.
-                    let mut c = self.client.clone();
-                    let _ = timed(&self.endpoints, "revoke old lease", c.lease_revoke(old)).await;
+                    let mut c = self.conn.client();
+                    let _ = self
+                        .conn
+                        .timed("revoke old lease", c.lease_revoke(old))
+                        .await;
                 }
-                let mut c = self.client.clone();
-                let keeper = timed(
-                    &self.endpoints,
-                    "keep lease alive",
-                    c.lease_keep_alive(lease),
-                )
-                .await?;
+                let mut c = self.conn.client();
+                let keeper = self
+                    .conn
+                    .timed("keep lease alive", c.lease_keep_alive(lease))
+                    .await?;
                 *self.own.lock().await = Some(Own {
                     subnet,
                     lease,
@@ -812,7 +814,7 @@ impl Membership for EtcdStore {
                 skip.push(subnet);
             }
         }
-        let mut c = self.client.clone();
+        let mut c = self.conn.client();
         let _ = c.lease_revoke(lease).await;
         Err(StoreError::Contention(ATTEMPTS))
     }
@@ -825,20 +827,19 @@ impl Membership for EtcdStore {
         // The keep-alive stream dies with the connection (an etcd restart):
         // open a new one on the same lease when needed.
         if o.keeper.is_none() {
-            let mut c = self.client.clone();
+            let mut c = self.conn.client();
             o.keeper = Some(
-                timed(
-                    &self.endpoints,
-                    "keep lease alive",
-                    c.lease_keep_alive(o.lease),
-                )
-                .await?,
+                self.conn
+                    .timed("keep lease alive", c.lease_keep_alive(o.lease))
+                    .await?,
             );
         }
         let (keeper, stream) = o.keeper.as_mut().expect("set above");
         let answer = async {
-            timed(&self.endpoints, "keep lease alive", keeper.keep_alive()).await?;
-            timed(&self.endpoints, "keep lease alive", stream.message()).await
+            self.conn
+                .timed("keep lease alive", keeper.keep_alive())
+                .await?;
+            self.conn.timed("keep lease alive", stream.message()).await
         }
         .await;
         let alive = match answer {
@@ -857,13 +858,11 @@ impl Membership for EtcdStore {
         drop(own);
         // Still ours and attached to our lease? One key, not the prefix:
         // this runs every few seconds on every node.
-        let mut c = self.client.clone();
-        let resp = timed(
-            &self.endpoints,
-            "read own record",
-            c.get(self.key(subnet), None),
-        )
-        .await?;
+        let mut c = self.conn.client();
+        let resp = self
+            .conn
+            .timed("read own record", c.get(self.key(subnet), None))
+            .await?;
         let kv = resp.kvs().first();
         let rec = kv.and_then(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok());
         match (kv, rec) {
@@ -910,8 +909,11 @@ impl ServiceWrites for EtcdStore {
                 .iter()
                 .map(|r| TxnOp::delete(self.object_key(r), None))
                 .collect();
-            let mut c = self.client.clone();
-            let resp = timed(&self.endpoints, "delete", c.txn(Txn::new().and_then(ops))).await?;
+            let mut c = self.conn.client();
+            let resp = self
+                .conn
+                .timed("delete", c.txn(Txn::new().and_then(ops)))
+                .await?;
             let gone: Vec<bool> = resp
                 .op_responses()
                 .iter()
@@ -937,8 +939,8 @@ impl ServiceWrites for EtcdStore {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), encode_ranges(given), None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let mut c = self.client.clone();
-        let resp = timed(&self.endpoints, "publish ranges", c.txn(txn)).await?;
+        let mut c = self.conn.client();
+        let resp = self.conn.timed("publish ranges", c.txn(txn)).await?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -948,7 +950,7 @@ impl ServiceWrites for EtcdStore {
         }
         .unwrap_or_default();
         let stored = decode_ranges(&stored).map_err(|msg| StoreError::BadRanges {
-            at: format!("etcd {} key {key}", self.endpoints),
+            at: format!("etcd {} key {key}", self.conn.endpoints()),
             msg,
         })?;
         ranges_to_publish(Some(stored), given).map(|_| ())
@@ -963,6 +965,7 @@ impl ServiceWrites for EtcdStore {
 mod tests {
     use super::*;
     use crate::store::testing::{self, cluster_ip, objs, reg, said, skip, small, svc, TempDir};
+    use etcd_client::Client;
     use std::net::{TcpListener, TcpStream};
     use std::process::{Child, Command, Stdio};
 
@@ -1022,7 +1025,13 @@ mod tests {
         }
 
         async fn open(&self) -> EtcdStore {
-            match EtcdStore::open(std::slice::from_ref(&self.url), "/ferry-test").await {
+            match EtcdStore::open(
+                std::slice::from_ref(&self.url),
+                &EtcdAccess::default(),
+                "/ferry-test",
+            )
+            .await
+            {
                 Ok(s) => s,
                 Err(e) => panic!("{e}\n{}", self.log()),
             }
@@ -1078,7 +1087,7 @@ mod tests {
         let res = cli
             .leave_with("a", || {
                 let first = !std::mem::replace(&mut touched, true);
-                let (client, key) = (node.client.clone(), node.key(kv.subnet));
+                let (client, key) = (node.conn.client(), node.key(kv.subnet));
                 let (rec, lease) = (&kv.record, kv.lease);
                 async move {
                     if first {
@@ -1110,7 +1119,7 @@ mod tests {
         let res = cli
             .leave_with("a", || {
                 touch(
-                    node.client.clone(),
+                    node.conn.client(),
                     node.key(kv.subnet),
                     &kv.record,
                     kv.lease,
@@ -1144,7 +1153,7 @@ mod tests {
         };
         let s = etcd.open().await;
         testing::round_trip(&s).await;
-        let mut c = s.client.clone();
+        let mut c = s.conn.client();
         let got = c
             .get("/ferry-test/services/default/web", None)
             .await
@@ -1240,7 +1249,7 @@ mod tests {
         };
         let s = etcd.open().await;
         s.apply(objs(testing::WEB), &small()).await.unwrap();
-        let mut c = s.client.clone();
+        let mut c = s.conn.client();
         let web = c
             .get("/ferry-test/services/default/web", None)
             .await
@@ -1466,7 +1475,7 @@ mod tests {
 
     async fn with_records(etcd: &TestEtcd) -> EtcdStore {
         let s = etcd.open().await;
-        let mut c = s.client.clone();
+        let mut c = s.conn.client();
         for i in 1..=5u8 {
             let (k, v) = node_kv(i, &format!("n{i}"));
             c.put(k, v, None).await.unwrap();
@@ -1488,7 +1497,7 @@ mod tests {
         let s = with_records(&etcd).await;
         let before = s.shared.relists.load(Ordering::Relaxed);
         away_while(&s, async {
-            changes(s.client.clone()).await;
+            changes(s.conn.client()).await;
         })
         .await;
         assert_eq!(s.shared.relists.load(Ordering::Relaxed), before);
@@ -1518,8 +1527,8 @@ mod tests {
         let s = with_records(&etcd).await;
         let before = s.shared.relists.load(Ordering::Relaxed);
         away_while(&s, async {
-            let rev = changes(s.client.clone()).await;
-            let mut c = s.client.clone();
+            let rev = changes(s.conn.client()).await;
+            let mut c = s.conn.client();
             c.compact(
                 rev,
                 Some(etcd_client::CompactionOptions::new().with_physical()),
@@ -1552,7 +1561,7 @@ mod tests {
             return;
         };
         let s = etcd.open().await;
-        let mut c = s.client.clone();
+        let mut c = s.conn.client();
         let lease = c.lease_grant(1, None).await.unwrap().id();
         let (k, v) = node_kv(7, "short");
         c.put(k, v, Some(PutOptions::new().with_lease(lease)))

@@ -16,6 +16,7 @@
 //! or node port twice.
 
 pub mod etcd;
+pub mod etcd_conn;
 pub mod file;
 pub mod kube;
 mod snapshot;
@@ -70,13 +71,17 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("etcd {endpoints}: {what}: {source}")]
+    #[error("etcd {endpoints}: {what}: {}", etcd_conn::describe(.source))]
     Etcd {
         endpoints: String,
         what: String,
         #[source]
         source: etcd_client::Error,
     },
+    /// A flag or file for reaching etcd (TLS, user), checked before
+    /// connecting; the message names the flag.
+    #[error("{0}")]
+    EtcdAccess(String),
     #[error("etcd {endpoints}: {what}: timed out after {secs}s")]
     EtcdTimeout {
         endpoints: String,
