@@ -779,6 +779,17 @@ mod tests {
     }
 
     #[test]
+    fn example_config_files_resolve() {
+        for name in ["ferryd.json", "ferryd-etcd-tls.json"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf").join(name);
+            let a = args(&["--config", path.to_str().unwrap()])
+                .with_config_file()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            Settings::resolve(a, "h").unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn config_file_is_layered_under_flags() {
         let dir = std::env::temp_dir().join(format!("ferryd-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
