@@ -356,39 +356,25 @@ fn etcd_user_limited_to_the_prefix() {
     let user = ["--etcd-username", "ferry", "--etcd-password-file", &pw];
     let mut c = Cluster::with_etcd(0, Opts::default(), EtcdConfig::default(), &user);
     {
-        // What README tells a user to run.
+        // What README tells a user to run, for ferry and for another
+        // tenant's user.
         let (etcd, u) = (c.etcd.as_ref().unwrap(), &c.underlay);
         etcd.ctl(u, &["user", "add", "root:root-s3cret"]);
         etcd.ctl(u, &["user", "grant-role", "root", "root"]);
-        etcd.ctl(u, &["role", "add", "ferry"]);
-        etcd.ctl(
-            u,
-            &[
+        for (name, prefix) in [("ferry", "/ferry/"), ("other", "/other/")] {
+            let grant = [
                 "role",
                 "grant-permission",
-                "ferry",
+                name,
                 "--prefix=true",
                 "readwrite",
-                "/ferry/",
-            ],
-        );
-        etcd.ctl(u, &["user", "add", "ferry:ferry-s3cret"]);
-        etcd.ctl(u, &["user", "grant-role", "ferry", "ferry"]);
-        // Another tenant's user.
-        etcd.ctl(u, &["role", "add", "other"]);
-        etcd.ctl(
-            u,
-            &[
-                "role",
-                "grant-permission",
-                "other",
-                "--prefix=true",
-                "readwrite",
-                "/other/",
-            ],
-        );
-        etcd.ctl(u, &["user", "add", "other:other-s3cret"]);
-        etcd.ctl(u, &["user", "grant-role", "other", "other"]);
+                prefix,
+            ];
+            etcd.ctl(u, &["role", "add", name]);
+            etcd.ctl(u, &grant);
+            etcd.ctl(u, &["user", "add", &format!("{name}:{name}-s3cret")]);
+            etcd.ctl(u, &["user", "grant-role", name, name]);
+        }
         etcd.ctl(u, &["auth", "enable"]);
     }
     let spare = c.add_node();

@@ -624,38 +624,40 @@ mod tests {
     #[test]
     fn halves_of_a_pair_are_refused() {
         let u = urls(&["https://h:1"]);
-        let cert = EtcdAccess {
-            cert_file: Some("/c".into()),
-            ..Default::default()
-        };
-        assert!(cert
-            .check(Some(&u))
-            .unwrap_err()
-            .contains("needs --etcd-key-file"));
-        let key = EtcdAccess {
-            key_file: Some("/k".into()),
-            ..Default::default()
-        };
-        assert!(key
-            .check(Some(&u))
-            .unwrap_err()
-            .contains("needs --etcd-cert-file"));
-        let user = EtcdAccess {
-            username: Some("ferry".into()),
-            ..Default::default()
-        };
-        assert!(user
-            .check(Some(&u))
-            .unwrap_err()
-            .contains("needs --etcd-password-file"));
-        let pw = EtcdAccess {
-            password_file: Some("/p".into()),
-            ..Default::default()
-        };
-        assert!(pw
-            .check(Some(&u))
-            .unwrap_err()
-            .contains("needs --etcd-username"));
+        let p = |s: &str| Some(std::path::PathBuf::from(s));
+        for (half, want) in [
+            (
+                EtcdAccess {
+                    cert_file: p("/c"),
+                    ..Default::default()
+                },
+                "needs --etcd-key-file",
+            ),
+            (
+                EtcdAccess {
+                    key_file: p("/k"),
+                    ..Default::default()
+                },
+                "needs --etcd-cert-file",
+            ),
+            (
+                EtcdAccess {
+                    username: Some("ferry".into()),
+                    ..Default::default()
+                },
+                "needs --etcd-password-file",
+            ),
+            (
+                EtcdAccess {
+                    password_file: p("/p"),
+                    ..Default::default()
+                },
+                "needs --etcd-username",
+            ),
+        ] {
+            let e = half.check(Some(&u)).unwrap_err();
+            assert!(e.contains(want), "{half:?}: {e}");
+        }
         let both = EtcdAccess {
             username: Some("ferry".into()),
             password_file: Some("/p".into()),
