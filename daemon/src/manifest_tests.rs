@@ -402,16 +402,13 @@ fn the_daemonset_fits_ferryds_settings() {
         .collect();
     assert_eq!(ports, [i32::from(listen.port())], "the port is declared");
 
-    // The node's network is ferryd's to manage, with two capabilities and
+    // The node's network is ferryd's to manage, with one capability and
     // no more; the one sysctl it needs is set by a privileged one-shot.
     let sc = ferryd.security_context.as_ref().expect("securityContext");
     assert_ne!(sc.privileged, Some(true));
     let caps = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
-    assert_eq!(
-        caps.add.as_deref(),
-        Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..])
-    );
+    assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
     let sysctls = m.init("sysctls");
     assert_eq!(
         sysctls.security_context.as_ref().and_then(|c| c.privileged),
