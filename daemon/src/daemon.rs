@@ -34,7 +34,7 @@ use crate::health::{self, Status};
 use crate::kernel::{self, KernelError, Underlay};
 use crate::overlay::{self, Local, Params};
 use crate::record::{Mac, NodeRecord};
-use crate::service::Snapshot;
+use crate::service::state::State;
 use crate::store::{ClusterState, Membership, Registration, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -453,7 +453,7 @@ async fn cluster_source<S: ClusterState>(
     store: Arc<S>,
     every: Duration,
     nodes: watch::Sender<Option<Arc<Vec<NodeRecord>>>>,
-    services: watch::Sender<Option<Arc<Snapshot>>>,
+    services: watch::Sender<Option<State>>,
     status: Arc<Status>,
 ) {
     let mut resync = ticker(every);
@@ -478,14 +478,15 @@ async fn cluster_source<S: ClusterState>(
         // again, and the next pass reads them again.
         let version = store.services_version();
         if version.is_none() || version != services_seen {
-            match store.services().await {
+            match store.state().await {
                 Ok(snap) => {
                     services_seen = version;
+                    // Cheap: pieces the two share are not compared.
                     services.send_if_modified(|cur| {
-                        if cur.as_deref() == Some(&snap) {
+                        if cur.as_ref() == Some(&snap) {
                             return false;
                         }
-                        *cur = Some(Arc::new(snap));
+                        *cur = Some(snap);
                         true
                     });
                 }

@@ -45,7 +45,7 @@ use nft::reply;
 use nft::{Chain, Elem, ElemData, Hook, Nfnl, NftError, Req, SetRef, SetSpec, Table};
 
 use super::render::{
-    ep_from_data, fingerprint, Changes, MapName, Rule, Ruleset, Target, Written, AFFINITY_PREFIX,
+    ep_from_data, fingerprint, Changes, MapName, Rule, Target, View, Written, AFFINITY_PREFIX,
     EXT_PREFIX, REJECT_CHAIN, SVC_PREFIX,
 };
 
@@ -495,7 +495,7 @@ fn elem(key: &[u8], t: &Target) -> Elem {
 
 /// The transaction that applies `c` to reach `new`; with `rebuild`, it
 /// first replaces the whole table (skeleton and all), atomically.
-fn requests(c: &Changes, new: &Ruleset, rebuild: Option<bool>) -> Vec<Req> {
+fn requests(c: &Changes, new: &impl View, rebuild: Option<bool>) -> Vec<Req> {
     let mut b = Batch::new();
     if let Some(exists) = rebuild {
         if exists {
@@ -505,14 +505,14 @@ fn requests(c: &Changes, new: &Ruleset, rebuild: Option<bool>) -> Vec<Req> {
     }
     for name in &c.add_affinity {
         let id = b.id();
-        b.add_set(affinity_spec(name, new.affinity[name].timeout_s, id));
+        b.add_set(affinity_spec(name, new.affinity(name).timeout_s, id));
     }
     for name in &c.write_chains {
         // CREATE without EXCL, then flush: the same requests create a new
         // chain or rewrite an existing one.
         b.reqs.push(b.t.add_chain(&regular(name), false));
         b.reqs.push(b.t.flush_chain(name));
-        chain_rules(&mut b, name, &new.chains[name]);
+        chain_rules(&mut b, name, new.rules(name));
     }
     for (map, keys) in &c.del_elems {
         let elems: Vec<Elem> = keys.iter().map(|k| Elem::key(k.clone())).collect();
@@ -613,8 +613,11 @@ pub struct SyncStats {
 pub struct Datapath {
     nl: Nfnl,
     /// What the kernel holds since our last successful sync; `None` until
-    /// the first, or after a failure (the next sync reads the kernel).
+    /// the first, after a failure (the next sync reads the kernel), or
+    /// when the caller keeps it ([`Datapath::apply`]).
     written: Option<Written>,
+    /// The last sync or apply succeeded: the kernel holds what it was given.
+    in_sync: bool,
 }
 
 impl Datapath {
@@ -622,6 +625,7 @@ impl Datapath {
         Ok(Datapath {
             nl: Nfnl::open()?,
             written: None,
+            in_sync: false,
         })
     }
 
@@ -629,8 +633,9 @@ impl Datapath {
     /// failed, reads the kernel first instead of trusting what was written:
     /// that adopts a previous ferryd's table without touching what is right
     /// (established connections keep their NAT in conntrack either way).
-    pub fn sync(&mut self, new: &Ruleset, full: bool) -> Result<SyncStats, NftError> {
+    pub fn sync(&mut self, new: &impl View, full: bool) -> Result<SyncStats, NftError> {
         let t0 = Instant::now();
+        self.in_sync = false;
         let mut stats = SyncStats::default();
         let (base, rebuild) = match self.written.take() {
             Some(w) if !full => (w, None),
@@ -656,17 +661,51 @@ impl Datapath {
         stats.elements_changed = changes.elements();
         self.prune_affinity(&changes, new)?;
         self.written = Some(written);
+        self.in_sync = true;
         stats.took = t0.elapsed();
         Ok(stats)
+    }
+
+    /// Applies `c`, which the caller computed from what the kernel holds
+    /// (the state of the last successful sync or apply) to `new`: a change
+    /// costs what it changes, nothing is read or compared. After a failure
+    /// (or before any sync) this is a full [`Datapath::sync`] instead.
+    pub fn apply(&mut self, c: &Changes, new: &impl View) -> Result<SyncStats, NftError> {
+        if !self.in_sync {
+            return self.sync(new, true);
+        }
+        let t0 = Instant::now();
+        self.in_sync = false;
+        // Stale from now on; the caller keeps the desired state.
+        self.written = None;
+        let mut stats = SyncStats::default();
+        if !c.is_empty() {
+            let reqs = requests(c, new, None);
+            stats.requests = reqs.len();
+            self.nl.batch(&reqs)?;
+        }
+        stats.chains_written = c.write_chains.len();
+        stats.chains_deleted = c.del_chains.len();
+        stats.elements_changed = c.elements();
+        self.prune_affinity(c, new)?;
+        self.in_sync = true;
+        stats.took = t0.elapsed();
+        Ok(stats)
+    }
+
+    /// Frees the copy of what was written, for a caller that keeps the
+    /// desired state itself and syncs with [`Datapath::apply`].
+    pub fn drop_written(&mut self) {
+        self.written = None;
     }
 
     /// Clients pinned to an endpoint that is gone would keep being sent to
     /// a fresh random choice without being re-pinned (an update keeps an
     /// existing element's value): remove those entries.
-    fn prune_affinity(&mut self, c: &Changes, new: &Ruleset) -> Result<(), NftError> {
+    fn prune_affinity(&mut self, c: &Changes, new: &impl View) -> Result<(), NftError> {
         let t = table();
         for set in &c.prune_affinity {
-            let current = &new.affinity[set].eps;
+            let current = &new.affinity(set).eps;
             let stale: Vec<Elem> = match self.nl.request(&t.dump_elems(set)) {
                 Ok(r) => reply::parse_elems(&r)
                     .into_iter()
@@ -697,6 +736,7 @@ impl Datapath {
     /// Forget what was written: the next sync reads the kernel.
     pub fn invalidate(&mut self) {
         self.written = None;
+        self.in_sync = false;
     }
 }
 

@@ -6,8 +6,11 @@
 //!   into k8s-openapi objects, and validating them — pure;
 //! - [`alloc`]: ClusterIP and NodePort allocation against what the store
 //!   already holds — pure;
+//! - [`state`]: what ferryd keeps of them (what the plan reads), in maps
+//!   that are cheap to share and compare — pure;
 //! - [`plan`]: which endpoints serve which traffic on this node — pure;
-//! - [`render`]: the nftables ruleset as data, and its diff — pure;
+//! - [`render`]: the nftables ruleset as data, kept per Service, and its
+//!   diff — pure;
 //! - [`datapath`]: that ruleset in the kernel, over netlink.
 
 use std::collections::BTreeMap;
@@ -21,9 +24,11 @@ pub mod model;
 pub mod plan;
 pub mod reconciler;
 pub mod render;
+pub mod state;
 
-/// Everything a source knows about load balancing, as the Services
-/// reconciler consumes it. Keys are `"<namespace>/<name>"` ([`model::key`]).
+/// Services and EndpointSlices as the API's whole objects, as `ferryctl`
+/// reads and writes them (ferryd keeps only a [`state::State`]). Keys are
+/// `"<namespace>/<name>"` ([`model::key`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub services: BTreeMap<String, Service>,

@@ -15,11 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-
-use super::model::SERVICE_NAME_LABEL;
+use super::state::{EndpointSpec, SliceSpec, State, SvcPort, SvcSpec};
 use super::Snapshot;
 
 /// One endpoint address and port.
@@ -92,96 +88,52 @@ pub fn proto_number(p: Option<&str>) -> Option<u8> {
     }
 }
 
-/// The plan of `node` for everything in `snap`.
+/// The plan of `node` for everything in `snap` (tests and tools; ferryd
+/// plans one Service at a time, [`plan_service`]).
 pub fn plan(snap: &Snapshot, node: &str) -> Plan {
-    let mut slices: BTreeMap<&str, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in snap.slices.values() {
-        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
-        if s.address_type != "IPv4" {
-            continue;
+    plan_state(&State::of(snap), node)
+}
+
+/// The plan of `node` for everything in `state`, Services in key order.
+pub fn plan_state(state: &State, node: &str) -> Plan {
+    let mut slices: BTreeMap<&str, Vec<&SliceSpec>> = BTreeMap::new();
+    for (_, s) in state.slices.iter() {
+        if let Some(svc) = &s.service {
+            slices.entry(svc).or_default().push(s);
         }
-        let Some(svc) = s
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let key = super::model::key(Some(ns), svc);
-        slices
-            .entry(snap.services.get_key_value(&key).map_or("", |(k, _)| k))
-            .or_default()
-            .push(s);
     }
+    let mut services: Vec<(&String, &SvcSpec)> =
+        state.services.iter().map(|(k, v)| (k, &**v)).collect();
+    services.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = Plan::default();
-    for (key, svc) in &snap.services {
+    for (key, svc) in services {
         let own = slices.get(key.as_str()).map_or(&[][..], Vec::as_slice);
-        plan_service(key, svc, own, node, &mut out);
+        let (ports, hc) = plan_service(key, svc, own, node);
+        out.ports.extend(ports);
+        out.health_checks.extend(hc);
     }
     out
 }
 
-fn plan_service(key: &str, svc: &Service, slices: &[&EndpointSlice], node: &str, out: &mut Plan) {
-    let Some(spec) = &svc.spec else { return };
-    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if kind == "ExternalName" {
-        return;
+/// The plan of `node` for one Service (`key` is its `namespace/name`) and
+/// the slices that name it: its ports, and its health check if it has one.
+pub fn plan_service(
+    key: &str,
+    svc: &SvcSpec,
+    slices: &[&SliceSpec],
+    node: &str,
+) -> (Vec<PortPlan>, Option<HealthCheck>) {
+    let mut ports = Vec::new();
+    if svc.external_name || svc.cluster_ips.is_empty() {
+        // ExternalName, or headless (or not yet allocated): no virtual IP
+        // to program.
+        return (ports, None);
     }
-    let cluster_ips: Vec<Ipv4Addr> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .chain(spec.cluster_ip.iter())
-        .filter_map(|s| s.parse().ok())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    if cluster_ips.is_empty() {
-        // Headless (or not yet allocated): no virtual IP to program.
-        return;
-    }
-    let lb_ips = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i.ip.as_deref());
-    let external_ips: Vec<Ipv4Addr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .chain(lb_ips.filter(|_| kind == "LoadBalancer"))
-        .filter_map(|s| s.parse().ok())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(DEFAULT_AFFINITY_SECONDS)
-    });
-    let node_ports = matches!(kind, "NodePort" | "LoadBalancer");
     let mut local_total = BTreeSet::new();
-    for p in spec.ports.iter().flatten() {
-        let Some(proto) = proto_number(p.protocol.as_deref()) else {
-            continue;
-        };
-        let Ok(port) = u16::try_from(p.port) else {
-            continue;
-        };
+    for p in &svc.ports {
         let eps = endpoints_for(p, slices);
         let all = usable(&eps, |_| true);
-        let local = usable(&eps, |e| e.node_name.as_deref() == Some(node));
+        let local = usable(&eps, |e| e.node.as_deref() == Some(node));
         local_total.extend(local.iter().copied());
         let targets = |local_only: bool| {
             let chosen = if local_only { &local } else { &all };
@@ -191,47 +143,43 @@ fn plan_service(key: &str, svc: &Service, slices: &[&EndpointSlice], node: &str,
                 (true, false) => Targets::Drop,
             }
         };
-        let name = p.name.as_deref().unwrap_or("");
-        let proto_name = p.protocol.as_deref().unwrap_or("TCP");
-        out.ports.push(PortPlan {
-            id: format!("{key}:{name}:{proto_name}"),
-            proto,
-            port,
-            cluster_ips: cluster_ips.clone(),
-            external_ips: external_ips.clone(),
-            node_port: p
-                .node_port
-                .filter(|_| node_ports)
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|n| *n > 0),
-            affinity,
-            internal: targets(itp_local),
-            external: targets(etp_local),
-            external_local: etp_local,
+        ports.push(PortPlan {
+            id: format!("{key}:{}:{}", p.name, proto_name(p.proto)),
+            proto: p.proto,
+            port: p.port,
+            cluster_ips: svc.cluster_ips.clone(),
+            external_ips: svc.external_ips.clone(),
+            node_port: p.node_port.filter(|_| svc.node_ports),
+            affinity: svc.affinity,
+            internal: targets(svc.itp_local),
+            external: targets(svc.etp_local),
+            external_local: svc.etp_local,
             local: eps
                 .iter()
-                .filter(|(e, _)| e.node_name.as_deref() == Some(node))
+                .filter(|(e, _)| e.node.as_deref() == Some(node))
                 .map(|(_, ep)| *ep)
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect(),
         });
     }
-    if let Some(hc) = spec
-        .health_check_node_port
-        .filter(|_| etp_local && kind == "LoadBalancer")
-        .and_then(|n| u16::try_from(n).ok())
-        .filter(|n| *n > 0)
-    {
-        out.health_checks.push(HealthCheck {
-            service: key.to_string(),
-            node_port: hc,
-            local_endpoints: local_total
-                .iter()
-                .map(|e: &Ep| e.ip)
-                .collect::<BTreeSet<_>>()
-                .len(),
-        });
+    let hc = svc.health_check.map(|node_port| HealthCheck {
+        service: key.to_string(),
+        node_port,
+        local_endpoints: local_total
+            .iter()
+            .map(|e: &Ep| e.ip)
+            .collect::<BTreeSet<_>>()
+            .len(),
+    });
+    (ports, hc)
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        nft::expr::IPPROTO_UDP => "UDP",
+        nft::expr::IPPROTO_SCTP => "SCTP",
+        _ => "TCP",
     }
 }
 
@@ -239,35 +187,22 @@ fn plan_service(key: &str, svc: &Service, slices: &[&EndpointSlice], node: &str,
 /// entry it came from. The slice port is the one with the Service port's
 /// name and protocol (the endpoints controller resolved `targetPort`); a
 /// slice without ports uses a numeric `targetPort`, or the port itself.
-fn endpoints_for<'a>(p: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<(&'a Endpoint, Ep)> {
-    let name = p.name.as_deref().unwrap_or("");
-    let proto = p.protocol.as_deref().unwrap_or("TCP");
-    let fallback = match &p.target_port {
-        Some(IntOrString::Int(n)) => Some(*n),
-        Some(IntOrString::String(_)) => None,
-        None => Some(p.port),
-    };
+fn endpoints_for<'a>(p: &SvcPort, slices: &[&'a SliceSpec]) -> Vec<(&'a EndpointSpec, Ep)> {
     let mut out = Vec::new();
     for s in slices {
-        let port = match s.ports.as_deref() {
-            None | Some([]) => fallback,
-            Some(ports) => ports
+        let port = if s.ports.is_empty() {
+            p.fallback
+        } else {
+            s.ports
                 .iter()
-                .find(|sp| {
-                    sp.name.as_deref().unwrap_or("") == name
-                        && sp.protocol.as_deref().unwrap_or("TCP") == proto
-                })
-                .and_then(|sp| sp.port),
+                .find(|sp| sp.name == p.name && sp.proto == Some(p.proto))
+                .and_then(|sp| sp.port)
         };
         let Some(port) = port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n > 0) else {
             continue;
         };
-        for e in s.endpoints.iter().flatten() {
-            for a in &e.addresses {
-                if let Ok(ip) = a.parse() {
-                    out.push((e, Ep { ip, port }));
-                }
-            }
+        for e in &s.endpoints {
+            out.push((e, Ep { ip: e.ip, port }));
         }
     }
     out
@@ -275,16 +210,8 @@ fn endpoints_for<'a>(p: &ServicePort, slices: &[&'a EndpointSlice]) -> Vec<(&'a 
 
 /// Ready endpoints passing `keep`; if none, the serving terminating ones.
 /// Sorted and without duplicates (an address may be in two slices).
-fn usable(eps: &[(&Endpoint, Ep)], keep: impl Fn(&Endpoint) -> bool) -> Vec<Ep> {
-    let cond = |e: &Endpoint| {
-        let c = e.conditions.as_ref();
-        // The API says: unset `ready` means ready, unset `serving` means
-        // as ready, unset `terminating` means not terminating.
-        let ready = c.and_then(|c| c.ready).unwrap_or(true);
-        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-        (ready && !terminating, serving && terminating)
-    };
+fn usable(eps: &[(&EndpointSpec, Ep)], keep: impl Fn(&EndpointSpec) -> bool) -> Vec<Ep> {
+    let cond = |e: &EndpointSpec| (e.ready && !e.terminating, e.serving && e.terminating);
     let pick = |want: fn((bool, bool)) -> bool| -> Vec<Ep> {
         eps.iter()
             .filter(|(e, _)| keep(e) && want(cond(e)))

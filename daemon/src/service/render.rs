@@ -20,8 +20,9 @@
 //! set aff-<hash>-<timeout> { ipv4_addr : ipv4_addr . inet_service; timeout }     # ClientIP affinity
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use super::plan::{Ep, Plan, PortPlan, Targets};
 
@@ -189,6 +190,221 @@ impl Ruleset {
 
     fn put(&mut self, map: MapName, key: Vec<u8>, t: Target) {
         self.elems.entry(map).or_default().insert(key, t);
+    }
+}
+
+/// What a sync reads of the desired state: the rules of the chains it
+/// writes, the affinity sets it creates or prunes, and (for a full sync
+/// against the kernel) all of it as [`Written`].
+pub trait View {
+    fn rules(&self, chain: &str) -> &[Rule];
+    fn affinity(&self, name: &str) -> &Affinity;
+    fn written(&self) -> Written;
+}
+
+impl View for Ruleset {
+    fn rules(&self, chain: &str) -> &[Rule] {
+        &self.chains[chain]
+    }
+
+    fn affinity(&self, name: &str) -> &Affinity {
+        &self.affinity[name]
+    }
+
+    fn written(&self) -> Written {
+        Ruleset::written(self)
+    }
+}
+
+/// Who puts an element, and what each of them maps it to. Most elements
+/// have one owner; a hairpin pair has every Service of its endpoint.
+#[derive(Debug, Clone)]
+enum Owners {
+    One(Arc<str>, Target),
+    Many(BTreeMap<Arc<str>, Target>),
+}
+
+impl Owners {
+    /// The target that counts: the greatest owner's, as in [`render`] of a
+    /// whole plan, where a later Service overwrites an earlier one.
+    fn target(&self) -> &Target {
+        match self {
+            Owners::One(_, t) => t,
+            Owners::Many(m) => m.last_key_value().expect("never empty").1,
+        }
+    }
+
+    fn add(&mut self, o: &Arc<str>, t: &Target) {
+        match self {
+            Owners::One(x, xt) if x == o => *xt = t.clone(),
+            Owners::One(x, xt) => {
+                let m = [(x.clone(), xt.clone()), (o.clone(), t.clone())].into();
+                *self = Owners::Many(m);
+            }
+            Owners::Many(m) => {
+                m.insert(o.clone(), t.clone());
+            }
+        }
+    }
+
+    /// False when no owner is left.
+    fn remove(&mut self, o: &Arc<str>) -> bool {
+        match self {
+            Owners::One(x, _) => x != o,
+            Owners::Many(m) => {
+                m.remove(o);
+                if m.len() == 1 {
+                    let (x, t) = m.pop_first().expect("one");
+                    *self = Owners::One(x, t);
+                }
+                true
+            }
+        }
+    }
+}
+
+/// The desired ruleset, changed one Service at a time: given what a
+/// Service contributed before and what it contributes now ([`render`] of
+/// its ports), [`Desired::update`] yields the kernel's changes for it
+/// alone. Its chains and affinity sets are its own; an element two
+/// Services put (a hairpin pair, an external IP) stays while one of them
+/// does. What each Service contributed is not kept: the caller renders it
+/// again from what it planned before, which costs less memory than 10k
+/// rulesets.
+#[derive(Debug, Default)]
+pub struct Desired {
+    elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Owners>>,
+    chains: HashMap<String, Vec<Rule>>,
+    affinity: HashMap<String, Affinity>,
+}
+
+impl Desired {
+    fn target(&self, map: MapName, key: &[u8]) -> Option<&Target> {
+        Some(self.elems.get(&map)?.get(key)?.target())
+    }
+
+    /// For each Service of `batch` (each at most once): what it contributed
+    /// until now and what it contributes from now on (empty: nothing, it is
+    /// gone). Returns the changes that bring a kernel holding what this
+    /// held before to what it holds now.
+    pub fn update(
+        &mut self,
+        batch: impl IntoIterator<Item = (String, Ruleset, Ruleset)>,
+    ) -> Changes {
+        let mut c = Changes::default();
+        // Each element touched, with the target it had before the batch.
+        let mut before: BTreeMap<(MapName, Vec<u8>), Option<Target>> = BTreeMap::new();
+        for (svc, old, new) in batch {
+            let svc: Arc<str> = Arc::from(svc);
+            for rs in [&old, &new] {
+                for (map, elems) in &rs.elems {
+                    for k in elems.keys() {
+                        if let std::collections::btree_map::Entry::Vacant(e) =
+                            before.entry((*map, k.clone()))
+                        {
+                            e.insert(self.target(*map, k).cloned());
+                        }
+                    }
+                }
+            }
+            for (map, elems) in &old.elems {
+                let kept = new.elems.get(map);
+                for k in elems
+                    .keys()
+                    .filter(|k| !kept.is_some_and(|m| m.contains_key(*k)))
+                {
+                    let owners = self.elems.get_mut(map).expect("owned");
+                    if !owners.get_mut(k).expect("owned").remove(&svc) {
+                        owners.remove(k);
+                    }
+                }
+            }
+            for (map, elems) in &new.elems {
+                let owners = self.elems.entry(*map).or_default();
+                for (k, t) in elems {
+                    match owners.get_mut(k) {
+                        Some(o) => o.add(&svc, t),
+                        None => {
+                            owners.insert(k.clone(), Owners::One(svc.clone(), t.clone()));
+                        }
+                    }
+                }
+            }
+            for name in old.chains.keys().filter(|n| !new.chains.contains_key(*n)) {
+                c.del_chains.push(name.clone());
+                self.chains.remove(name);
+            }
+            for (name, rules) in new.chains {
+                if old.chains.get(&name) != Some(&rules) {
+                    c.write_chains.push(name.clone());
+                }
+                self.chains.insert(name, rules);
+            }
+            for name in old
+                .affinity
+                .keys()
+                .filter(|n| !new.affinity.contains_key(*n))
+            {
+                c.del_affinity.push(name.clone());
+                self.affinity.remove(name);
+            }
+            for (name, a) in new.affinity {
+                match old.affinity.get(&name) {
+                    None => c.add_affinity.push(name.clone()),
+                    Some(o) if o.eps != a.eps => c.prune_affinity.push(name.clone()),
+                    Some(_) => {}
+                }
+                self.affinity.insert(name, a);
+            }
+        }
+        for ((map, k), was) in before {
+            let now = self.target(map, &k);
+            if was.as_ref() == now {
+                continue;
+            }
+            let now = now.cloned();
+            if was.is_some() {
+                c.del_elems.entry(map).or_default().push(k.clone());
+            }
+            if let Some(t) = now {
+                c.add_elems.entry(map).or_default().push((k, t));
+            }
+        }
+        self.elems.retain(|_, m| !m.is_empty());
+        c
+    }
+}
+
+impl View for Desired {
+    fn rules(&self, chain: &str) -> &[Rule] {
+        &self.chains[chain]
+    }
+
+    fn affinity(&self, name: &str) -> &Affinity {
+        &self.affinity[name]
+    }
+
+    fn written(&self) -> Written {
+        Written {
+            chains: self
+                .chains
+                .iter()
+                .map(|(n, r)| (n.clone(), fingerprint(r)))
+                .collect(),
+            elems: self
+                .elems
+                .iter()
+                .map(|(map, m)| {
+                    let m = m.iter().map(|(k, o)| (k.clone(), o.target().clone()));
+                    (*map, m.collect())
+                })
+                .collect(),
+            affinity: self
+                .affinity
+                .iter()
+                .map(|(n, a)| (n.clone(), Some(fingerprint(&a.eps))))
+                .collect(),
+        }
     }
 }
 
@@ -653,6 +869,111 @@ mod tests {
         let key = ip_proto_port("10.96.0.10".parse().unwrap(), 6, 80);
         assert!(d.del_elems[&MapName::ServiceIps].contains(&key));
         assert!(d.add_elems[&MapName::ServiceIps].contains(&(key, Target::Drop)));
+    }
+
+    /// `w` after the kernel applied `c` (what `Datapath::apply` does), with
+    /// the rules and affinity sets of `v`.
+    fn applied(mut w: Written, c: &Changes, v: &impl View) -> Written {
+        for (map, keys) in &c.del_elems {
+            let m = w.elems.get_mut(map).expect("deletes what is there");
+            for k in keys {
+                assert!(m.remove(k).is_some(), "delete of a missing element");
+            }
+        }
+        for (map, adds) in &c.add_elems {
+            let m = w.elems.entry(*map).or_default();
+            for (k, t) in adds {
+                assert!(
+                    m.insert(k.clone(), t.clone()).is_none(),
+                    "add over an element"
+                );
+            }
+        }
+        w.elems.retain(|_, m| !m.is_empty());
+        for n in &c.write_chains {
+            w.chains.insert(n.clone(), fingerprint(v.rules(n)));
+        }
+        for n in &c.del_chains {
+            assert!(w.chains.remove(n).is_some());
+        }
+        for n in c.add_affinity.iter().chain(&c.prune_affinity) {
+            w.affinity
+                .insert(n.clone(), Some(fingerprint(&v.affinity(n).eps)));
+        }
+        for n in &c.del_affinity {
+            assert!(w.affinity.remove(n).is_some());
+        }
+        w
+    }
+
+    #[test]
+    fn desired_per_service_is_the_whole_render_and_its_changes_get_there() {
+        // Services that share hairpin pairs and an external IP, one with
+        // affinity; states chosen from them at random, one Service changed
+        // at a time and several at once.
+        let eps = |ips: &[&str]| Targets::Endpoints(ips.iter().map(|i| ep(i, 8080)).collect());
+        let variants = |name: &str| -> Vec<Option<PortPlan>> {
+            let mut a = port(
+                &format!("{name}:http:TCP"),
+                eps(&["10.244.1.5"]),
+                eps(&["10.244.1.5"]),
+            );
+            a.external_ips = vec!["192.0.2.1".parse().unwrap()];
+            let mut b = port(
+                &format!("{name}:http:TCP"),
+                eps(&["10.244.1.5", "10.244.2.5"]),
+                Targets::Drop,
+            );
+            b.affinity = Some(60);
+            b.local = vec![ep("10.244.1.5", 8080), ep("10.244.1.6", 8080)];
+            let mut c = port(
+                &format!("{name}:http:TCP"),
+                Targets::Reject,
+                Targets::Reject,
+            );
+            c.local = vec![];
+            vec![None, Some(a), Some(b), Some(c)]
+        };
+        let names = ["ns/a", "ns/b", "ns/c", "ns/d"];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        let frag = |p: &Option<PortPlan>| {
+            render(&Plan {
+                ports: p.iter().cloned().collect(),
+                health_checks: vec![],
+            })
+        };
+        let mut desired = Desired::default();
+        let mut kernel = Written::default();
+        let mut now: BTreeMap<&str, Option<PortPlan>> = BTreeMap::new();
+        for round in 0..300 {
+            let mut changed = BTreeMap::new();
+            for _ in 0..1 + next(3) {
+                let name = names[next(names.len())];
+                changed.insert(name, variants(name)[next(4)].clone());
+            }
+            let batch: Vec<_> = changed
+                .into_iter()
+                .map(|(name, v)| {
+                    let old = now.insert(name, v.clone()).flatten();
+                    (name.to_string(), frag(&old), frag(&v))
+                })
+                .collect();
+            let c = desired.update(batch);
+            kernel = applied(kernel, &c, &desired);
+            let whole = render(&Plan {
+                ports: now.values().flatten().cloned().collect(),
+                health_checks: vec![],
+            });
+            assert_eq!(desired.written(), whole.written(), "round {round}");
+            assert_eq!(kernel, whole.written(), "round {round}: {c:?}");
+            assert!(diff(&kernel, &desired.written()).is_empty());
+        }
     }
 
     #[test]

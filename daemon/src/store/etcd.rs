@@ -51,6 +51,7 @@ use super::{
 use crate::record::{self, Allocation, NodeRecord, Reservation};
 use crate::service::alloc::Ranges;
 use crate::service::model::{Kind, Object, ObjectRef};
+use crate::service::state::State;
 use crate::service::Snapshot;
 
 /// Keys per read: a page of Services stays far below gRPC's 4 MiB.
@@ -884,8 +885,11 @@ impl ClusterState for EtcdStore {
     }
 
     async fn services(&self) -> StoreResult<Snapshot> {
-        let snap = self.shared.cache.lock().expect("not poisoned").services();
-        Ok((*snap).clone())
+        Ok(self.read_objects().await?.1)
+    }
+
+    async fn state(&self) -> StoreResult<State> {
+        Ok(self.shared.cache.lock().expect("not poisoned").state())
     }
 
     async fn changed(&self) {
@@ -1387,7 +1391,7 @@ mod tests {
                 let relisted = listed(held.iter().map(|(k, v)| (k.as_str(), &v[..], 0)), &warned);
                 assert_eq!(cache, relisted, "seed {seed}, after event {rev}");
                 nodes_seen |= !cache.live_nodes(0).is_empty();
-                let snap = cache.services();
+                let snap = cache.state();
                 objects_seen |= !snap.services.is_empty() && !snap.slices.is_empty();
             }
             // Not vacuous: readable values of every kind were among them.
@@ -1510,7 +1514,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["renamed", "n4", "n5", "new10", "new11", "new12"]);
         assert!(s
-            .services()
+            .state()
             .await
             .unwrap()
             .services
@@ -1547,7 +1551,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["renamed", "n4", "n5", "new10", "new11", "new12"]);
         assert!(s
-            .services()
+            .state()
             .await
             .unwrap()
             .services

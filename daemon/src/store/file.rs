@@ -48,6 +48,7 @@ use super::{
 use crate::record::{self, Allocation, NodeRecord, Reservation};
 use crate::service::alloc::Ranges;
 use crate::service::model::{Kind, Object, ObjectRef};
+use crate::service::state::State;
 use crate::service::Snapshot;
 
 const KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
@@ -855,8 +856,11 @@ impl ClusterState for FileStore {
     }
 
     async fn services(&self) -> StoreResult<Snapshot> {
-        let snap = self.inner.cache.lock().expect("not poisoned").services();
-        Ok((*snap).clone())
+        blocking(&self.inner, |i| i.snapshot(false)).await
+    }
+
+    async fn state(&self) -> StoreResult<State> {
+        Ok(self.inner.cache.lock().expect("not poisoned").state())
     }
 
     async fn changed(&self) {

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::record::{AllocError, Mac, NodeRecord};
 use crate::service::alloc::{self, Ranges};
 use crate::service::model::{self, Kind, Object, ObjectRef};
+use crate::service::state::State;
 use crate::service::Snapshot;
 
 /// What a node asks for when it registers.
@@ -160,14 +161,21 @@ pub trait ClusterState: Send + Sync + 'static {
     /// Live records of all nodes (this one included), without those that
     /// left or whose lease expired.
     fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
-    /// All Services and EndpointSlices, read at one point in time (etcd: one
-    /// revision). An object that cannot be read or is not valid is left out
-    /// and logged once.
+    /// All Services and EndpointSlices as the API's objects, read at one
+    /// point in time (etcd: one revision) from the backend: what `ferryctl
+    /// get` shows. An object that cannot be read or is not valid is left
+    /// out and logged once.
     fn services(&self) -> impl Future<Output = StoreResult<Snapshot>> + Send;
+    /// What ferryd programs of them ([`State`]): the file and etcd stores
+    /// answer from memory, kept current by events, for the cost of a few
+    /// reference counts.
+    fn state(&self) -> impl Future<Output = StoreResult<State>> + Send {
+        async { Ok(State::of(&self.services().await?)) }
+    }
     /// Resolves when the records, the Services or the EndpointSlices may
     /// have changed.
     fn changed(&self) -> impl Future<Output = ()> + Send;
-    /// A number that moves whenever `services()` may answer differently,
+    /// A number that moves whenever `state()` may answer differently,
     /// for a source to skip re-reading and comparing 10k Services when only
     /// a node changed; `None`: not known, read them every time.
     fn services_version(&self) -> Option<u64> {

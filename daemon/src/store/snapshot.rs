@@ -10,13 +10,12 @@
 //! holds afterwards is decided here, the same for an event and a relist.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 
 use crate::record::{self, NodeRecord};
 use crate::service::model::{Kind, Object};
-use crate::service::Snapshot;
+use crate::service::state::State;
 
 /// What one key names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -70,9 +69,10 @@ pub(crate) enum Value {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Cache {
     nodes: BTreeMap<Ipv4Network, Node>,
-    /// Shared with readers until the next change copies it: a reader never
-    /// holds the lock while it walks 10k Services.
-    services: Arc<Snapshot>,
+    /// What the datapath reads of the Services and slices (not the API's
+    /// objects), in pieces shared with readers until a change copies one:
+    /// a reader gets it for the cost of 128 reference counts.
+    services: State,
     /// Moves on every change to `services`, so that a source can skip
     /// re-reading (and comparing) them when only nodes changed.
     version: u64,
@@ -101,15 +101,11 @@ impl Cache {
             }
             (Slot::Node(subnet), _) => self.nodes.remove(&subnet).is_some(),
             (Slot::Object { kind, .. }, Some(Value::Object(o))) if o.reference().kind == kind => {
-                let key = o.key();
-                let same = match &o {
-                    Object::Service(s) => self.services.services.get(&key) == Some(&**s),
-                    Object::EndpointSlice(e) => self.services.slices.get(&key) == Some(&**e),
-                };
-                if same {
+                // A change the datapath does not read (labels, a selector)
+                // is no change here.
+                if !self.services.insert(&o) {
                     return false;
                 }
-                Arc::make_mut(&mut self.services).insert(o);
                 self.version += 1;
                 true
             }
@@ -122,21 +118,8 @@ impl Cache {
                 _,
             ) => {
                 let key = format!("{namespace}/{name}");
-                let held = match kind {
-                    Kind::Service => self.services.services.contains_key(&key),
-                    Kind::EndpointSlice => self.services.slices.contains_key(&key),
-                };
-                if !held {
+                if !self.services.remove(kind, &key) {
                     return false;
-                }
-                let s = Arc::make_mut(&mut self.services);
-                match kind {
-                    Kind::Service => {
-                        s.services.remove(&key);
-                    }
-                    Kind::EndpointSlice => {
-                        s.slices.remove(&key);
-                    }
                 }
                 self.version += 1;
                 true
@@ -166,7 +149,7 @@ impl Cache {
             .collect()
     }
 
-    pub(crate) fn services(&self) -> Arc<Snapshot> {
+    pub(crate) fn state(&self) -> State {
         self.services.clone()
     }
 
