@@ -382,7 +382,7 @@ pub async fn run(
     };
     access.check(spec.etcd_urls()).map_err(CtlError)?;
     match spec {
-        StoreSpec::File(dir) => exec(&FileStore::open(&dir)?, job, out, err).await,
+        StoreSpec::File(dir) => exec(&FileStore::open_client(&dir)?, job, out, err).await,
         StoreSpec::Etcd(urls) => {
             let store = EtcdStore::open(&urls, &access, &cli.etcd_prefix).await?;
             exec(&store, job, out, err).await

@@ -181,6 +181,59 @@ fn health_check_port(s: &Service) -> Option<i32> {
     s.spec.as_ref()?.health_check_node_port
 }
 
+/// Which addresses and node ports the stored Services hold, and which
+/// Service holds each: all that allocation needs of the Services it is not
+/// given, so that a store can keep it as an index instead of reading every
+/// Service for every apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Taken {
+    pub ips: BTreeMap<IpAddr, String>,
+    /// Node ports and health-check node ports.
+    pub ports: BTreeMap<i32, String>,
+}
+
+impl Taken {
+    /// What `services` (keyed by `namespace/name`) hold.
+    pub fn of(services: &BTreeMap<String, Service>) -> Taken {
+        let mut t = Taken::default();
+        for (k, s) in services {
+            t.add(k, s);
+        }
+        t
+    }
+
+    fn add(&mut self, k: &str, s: &Service) {
+        if let Some(ip) = cluster_ip(s).and_then(|ip| ip.parse().ok()) {
+            self.ips.insert(ip, k.to_string());
+        }
+        for p in s.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+            if let Some(n) = p.node_port {
+                self.ports.insert(n, k.to_string());
+            }
+        }
+        if let Some(n) = health_check_port(s) {
+            self.ports.insert(n, k.to_string());
+        }
+    }
+
+    /// Drops what the Services `keys` hold.
+    pub fn release(&mut self, keys: &BTreeSet<String>) {
+        self.ips.retain(|_, k| !keys.contains(k));
+        self.ports.retain(|_, k| !keys.contains(k));
+    }
+
+    /// Records that each Service of `services` (keyed by `namespace/name`)
+    /// is now as given: what it held before is released first. One pass
+    /// over what is held, however many Services.
+    pub fn replace<'a>(&mut self, services: impl IntoIterator<Item = (String, &'a Service)>) {
+        let services: Vec<(String, &Service)> = services.into_iter().collect();
+        self.release(&services.iter().map(|(k, _)| k.clone()).collect());
+        for (k, s) in services {
+            self.add(&k, s);
+        }
+    }
+}
+
 /// Fills in a missing `clusterIP` (and `clusterIPs`, `ipFamilies`) and missing
 /// `nodePort`s of `incoming`, refusing what the API server refuses. A Service
 /// that exists already keeps what it was given; `existing` is keyed by
@@ -190,23 +243,21 @@ pub fn assign(
     existing: &BTreeMap<String, Service>,
     r: &Ranges,
 ) -> Result<(), AllocError> {
+    assign_with(incoming, existing, Taken::of(existing), r)
+}
+
+/// [`assign`] given what every stored Service holds (`taken`) and the
+/// stored versions of (at least) the `incoming` Services (`existing`).
+pub fn assign_with(
+    incoming: &mut [Service],
+    existing: &BTreeMap<String, Service>,
+    mut taken: Taken,
+    r: &Ranges,
+) -> Result<(), AllocError> {
     let replaced: BTreeSet<String> = incoming.iter().map(svc_key).collect();
     // Held by Services that stay as they are.
-    let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
-    let mut ports: BTreeMap<i32, String> = BTreeMap::new();
-    for (k, s) in existing.iter().filter(|(k, _)| !replaced.contains(*k)) {
-        if let Some(ip) = cluster_ip(s).and_then(|ip| ip.parse().ok()) {
-            ips.insert(ip, k.clone());
-        }
-        for p in s.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
-            if let Some(n) = p.node_port {
-                ports.insert(n, k.clone());
-            }
-        }
-        if let Some(n) = health_check_port(s) {
-            ports.insert(n, k.clone());
-        }
-    }
+    taken.release(&replaced);
+    let Taken { mut ips, mut ports } = taken;
     let in_range =
         |n: i32| (i32::from(*r.node_ports.start())..=i32::from(*r.node_ports.end())).contains(&n);
     let outside = |svc: &str, field: String, port: i32| AllocError::OutsideRange {

@@ -6,7 +6,16 @@
 //! DIR/services/NS/NAME.json      a v1 Service, the API's JSON
 //! DIR/endpointslices/NS/NAME.json  a discovery.k8s.io/v1 EndpointSlice
 //! DIR/ranges.json                {"serviceCIDR": "10.96.0.0/12", "nodePortRange": "30000-32767"}
+//! DIR/allocations.json           {"ips": {"10.96.0.10": "NS/NAME"}, "ports": {"30080": "NS/NAME"}}
+//! DIR/.allocations-stamp         {"index": <hash of allocations.json>, "dirs": [...]}
 //! ```
+//! `allocations.json` is an index of what the Services hold, kept by
+//! every apply and delete under the lock, so that an apply allocates
+//! without reading every Service. It counts only while its stamp matches:
+//! the stamp holds the index's hash and the modification times of
+//! `services/` and its namespace directories after the last write, so a
+//! Service file that another hand added, removed or renamed into place
+//! makes the next apply read every Service again (and rebuild the index).
 //! Records are written to a temporary file and renamed into place, so a
 //! reader never sees half a record. Changes are noticed with inotify (on
 //! `subnets/`, on `services/` and `endpointslices/` and on each namespace
@@ -36,23 +45,70 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::Service;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::snapshot::{self, Cache, Slot, Value};
 use super::{
-    decode, decode_ranges, encode, encode_ranges, plan_apply, ranges_to_publish, Applied,
+    decode, decode_ranges, encode, encode_ranges, plan_apply_with, ranges_to_publish, Applied,
     ClusterState, Membership, Registration, ServiceWrites, StoreError, StoreResult, WarnOnce,
 };
 use crate::record::{self, Allocation, NodeRecord, Reservation};
-use crate::service::alloc::Ranges;
+use crate::service::alloc::{Ranges, Taken};
 use crate::service::model::{Kind, Object, ObjectRef};
 use crate::service::state::State;
 use crate::service::Snapshot;
 
 const KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
 const TMP_PREFIX: &str = ".tmp-";
+const INDEX: &str = "allocations.json";
+const STAMP: &str = ".allocations-stamp";
+
+/// `allocations.json`: [`Taken`] with text keys.
+#[derive(Serialize, Deserialize)]
+struct IndexRecord {
+    ips: std::collections::BTreeMap<String, String>,
+    ports: std::collections::BTreeMap<String, String>,
+}
+
+fn encode_index(t: &Taken) -> Vec<u8> {
+    let rec = IndexRecord {
+        ips: t
+            .ips
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        ports: t
+            .ports
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    };
+    serde_json::to_vec(&rec).expect("serialisable")
+}
+
+fn decode_index(data: &[u8]) -> Option<Taken> {
+    let rec: IndexRecord = serde_json::from_slice(data).ok()?;
+    let mut t = Taken::default();
+    for (k, v) in rec.ips {
+        t.ips.insert(k.parse().ok()?, v);
+    }
+    for (k, v) in rec.ports {
+        t.ports.insert(k.parse().ok()?, v);
+    }
+    Some(t)
+}
+
+/// What makes `allocations.json` count (module doc).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Stamp {
+    index: u64,
+    /// `services/` (named "") and each namespace directory below it, with
+    /// its modification time (seconds, nanoseconds).
+    dirs: Vec<(String, i64, i64)>,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -86,6 +142,9 @@ struct Inner {
     scan: Mutex<()>,
     /// Full rescans since open (the first one included).
     rescans: AtomicU64,
+    /// Watched and held in memory (ferryd); otherwise every read goes to
+    /// the directory (ferryctl, [`FileStore::open_client`]).
+    watched: bool,
     /// Tests hold the inotify reader here, so that events pile up in the
     /// kernel's queue.
     #[cfg(test)]
@@ -105,6 +164,17 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 impl FileStore {
     /// Opens (creating if needed) the store directory and starts watching it.
     pub fn open(dir: &Path) -> StoreResult<FileStore> {
+        FileStore::open_with(dir, true)
+    }
+
+    /// Opens the store for a one-shot client (`ferryctl`): nothing is
+    /// watched or held in memory, every read goes to the directory. Reading
+    /// 10k Services into a snapshot first cost an apply more than its work.
+    pub fn open_client(dir: &Path) -> StoreResult<FileStore> {
+        FileStore::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, watch: bool) -> StoreResult<FileStore> {
         let subnets = dir.join("subnets");
         let err = |what: &str, source| StoreError::File {
             dir: dir.display().to_string(),
@@ -132,13 +202,16 @@ impl FileStore {
             cache: Mutex::default(),
             scan: Mutex::new(()),
             rescans: AtomicU64::new(0),
+            watched: watch,
             #[cfg(test)]
             hold: (Mutex::new(Hold::Run), std::sync::Condvar::new()),
         });
         // Watches first, then the first read: a change between the two is
         // both read and reported.
-        Reader::start(inner.clone(), notify.clone())
-            .map_err(|e| err("cannot watch (inotify)", e))?;
+        if watch {
+            Reader::start(inner.clone(), notify.clone())
+                .map_err(|e| err("cannot watch (inotify)", e))?;
+        }
         Ok(FileStore { inner, notify })
     }
 }
@@ -461,11 +534,15 @@ impl Inner {
         Ok(())
     }
 
-    fn nodes(&self) -> Vec<NodeRecord> {
-        self.cache
+    fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
+        if !self.watched {
+            return Ok(live(self.read_all()?, now_ms()));
+        }
+        Ok(self
+            .cache
             .lock()
             .expect("not poisoned")
-            .live_nodes(now_ms())
+            .live_nodes(now_ms()))
     }
 
     fn file_of(&self, slot: &Slot) -> PathBuf {
@@ -522,6 +599,9 @@ impl Inner {
     /// Reads the files of `slots` again into the snapshot; true if that
     /// changed it.
     fn refresh(&self, slots: impl IntoIterator<Item = Slot>) -> bool {
+        if !self.watched {
+            return false;
+        }
         let _scan = self.scan.lock().expect("not poisoned");
         let mut changed = false;
         for slot in slots {
@@ -737,6 +817,80 @@ impl Inner {
         self.apply_with(objects, fallback, || {})
     }
 
+    /// The modification times of `services/` and its namespace directories.
+    fn services_dirs(&self) -> Option<Vec<(String, i64, i64)>> {
+        use std::os::unix::fs::MetadataExt;
+        let root = self.dir.join(Kind::Service.plural());
+        let md = fs::metadata(&root).ok()?;
+        let mut dirs = vec![(String::new(), md.mtime(), md.mtime_nsec())];
+        for de in fs::read_dir(&root).ok()? {
+            let de = de.ok()?;
+            let md = de.metadata().ok()?;
+            if md.is_dir() {
+                dirs.push((
+                    de.file_name().to_str()?.to_string(),
+                    md.mtime(),
+                    md.mtime_nsec(),
+                ));
+            }
+        }
+        dirs.sort();
+        Some(dirs)
+    }
+
+    /// The index of what the Services hold, if it still counts (under the
+    /// lock only).
+    fn read_index(&self) -> Option<Taken> {
+        let stamp: Stamp = serde_json::from_slice(&fs::read(self.dir.join(STAMP)).ok()?).ok()?;
+        if Some(&stamp.dirs) != self.services_dirs().as_ref() {
+            return None;
+        }
+        let data = fs::read(self.dir.join(INDEX)).ok()?;
+        if nft::fnv1a64(&data) != stamp.index {
+            return None;
+        }
+        decode_index(&data)
+    }
+
+    /// Stamps `index` (written already) as matching the directories as
+    /// they are now. Best effort: an index without its stamp is rebuilt.
+    fn stamp_index(&self, index: &[u8]) {
+        let path = self.dir.join(STAMP);
+        let Some(dirs) = self.services_dirs() else {
+            let _ = fs::remove_file(&path);
+            return;
+        };
+        let stamp = Stamp {
+            index: nft::fnv1a64(index),
+            dirs,
+        };
+        let tmp = self.dir.join(tmp_name());
+        let data = serde_json::to_vec(&stamp).expect("serialisable");
+        if fs::write(&tmp, data)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .is_err()
+        {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    /// The stored versions of `objects` (those that exist and are
+    /// readable).
+    fn read_given(&self, objects: &[Object]) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for o in objects {
+            let r = o.reference();
+            let Ok(data) = fs::read(self.object_path(&r)) else {
+                continue;
+            };
+            if let Ok(obj) = decode(r.kind, &r.namespace, &r.name, &data) {
+                snap.insert(obj);
+            }
+        }
+        snap
+    }
+
     /// [`Inner::apply`], calling `before_write` under the lock between
     /// deciding and writing, where a second apply must wait: tests use it
     /// to run one there.
@@ -749,7 +903,18 @@ impl Inner {
         let _lock = self.lock()?;
         let stored = self.read_ranges()?;
         let ranges = stored.clone().unwrap_or_else(|| fallback.clone());
-        let plan = plan_apply(objects, &self.snapshot(true)?, &ranges)?;
+        // With the index, only the objects given are read; without it,
+        // every Service and slice (and the index is written anew).
+        let (current, taken, rebuilt) = match self.read_index() {
+            Some(t) => (self.read_given(&objects), t, false),
+            None => {
+                let snap = self.snapshot(true)?;
+                let t = Taken::of(&snap.services);
+                (snap, t, true)
+            }
+        };
+        let mut index = taken.clone();
+        let plan = plan_apply_with(objects, &current, taken, &ranges)?;
         before_write();
         let mut files: Vec<(PathBuf, Vec<u8>)> = plan
             .writes
@@ -759,14 +924,61 @@ impl Inner {
         if stored.is_none() && !files.is_empty() {
             files.push((self.ranges_path(), encode_ranges(&ranges)));
         }
+        let services: Vec<(String, &Service)> = plan
+            .writes
+            .iter()
+            .filter_map(|o| match o {
+                Object::Service(s) => Some((o.key(), &**s)),
+                Object::EndpointSlice(_) => None,
+            })
+            .collect();
+        let services_written = !services.is_empty();
+        index.replace(services);
+        let index = (rebuilt || services_written).then(|| encode_index(&index));
+        if let Some(data) = &index {
+            // Staged with the objects: the index never holds an apply
+            // that did not happen.
+            files.push((self.dir.join(INDEX), data.clone()));
+        }
         let written: Vec<Slot> = files.iter().filter_map(|(p, _)| self.slot_of(p)).collect();
         self.write_files(files)?;
+        if let Some(data) = &index {
+            self.stamp_index(data);
+        }
         self.refresh(written);
         Ok(plan.applied)
     }
 
     fn delete(&self, refs: &[ObjectRef]) -> StoreResult<Vec<bool>> {
         let _lock = self.lock()?;
+        let index = self.read_index();
+        let res = self.delete_files(refs);
+        // Released only after the files went; on an error, whatever went
+        // is found by the next apply's full read.
+        match (index, &res) {
+            (Some(mut t), Ok(_)) => {
+                let gone = refs
+                    .iter()
+                    .filter(|r| r.kind == Kind::Service)
+                    .map(ObjectRef::key)
+                    .collect();
+                t.release(&gone);
+                let data = encode_index(&t);
+                match self.write_files(vec![(self.dir.join(INDEX), data.clone())]) {
+                    Ok(()) => self.stamp_index(&data),
+                    Err(_) => {
+                        let _ = fs::remove_file(self.dir.join(STAMP));
+                    }
+                }
+            }
+            _ => {
+                let _ = fs::remove_file(self.dir.join(STAMP));
+            }
+        }
+        res
+    }
+
+    fn delete_files(&self, refs: &[ObjectRef]) -> StoreResult<Vec<bool>> {
         let mut out = Vec::with_capacity(refs.len());
         for r in refs {
             let path = self.object_path(r);
@@ -852,7 +1064,7 @@ impl Membership for FileStore {
 
 impl ClusterState for FileStore {
     async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        Ok(self.inner.nodes())
+        self.inner.nodes()
     }
 
     async fn services(&self) -> StoreResult<Snapshot> {
@@ -860,6 +1072,9 @@ impl ClusterState for FileStore {
     }
 
     async fn state(&self) -> StoreResult<State> {
+        if !self.inner.watched {
+            return Ok(State::of(&self.services().await?));
+        }
         Ok(self.inner.cache.lock().expect("not poisoned").state())
     }
 
@@ -967,7 +1182,7 @@ mod tests {
             serde_json::from_slice(&fs::read(s.inner.path_of(a.subnet)).unwrap()).unwrap();
         e.expires_ms = now_ms() - 1;
         s.inner.write(&e).unwrap();
-        assert!(s.inner.nodes().is_empty());
+        assert!(s.inner.nodes().unwrap().is_empty());
         let b = s
             .inner
             .register(&reg("b", Duration::from_secs(60)))
@@ -1098,6 +1313,61 @@ mod tests {
             let s = FileStore::open(&d.0).unwrap();
             testing::refusals_write_nothing(&s, || async { dump(&d.0) }).await;
         });
+    }
+
+    /// ferryctl's store (nothing watched, nothing held) reads and writes
+    /// alike, and a watching store sees its writes.
+    #[test]
+    fn client_store_round_trip() {
+        let d = TempDir::new("fs-client");
+        rt().block_on(async {
+            let watching = FileStore::open(&d.0).unwrap();
+            let c = FileStore::open_client(&d.0).unwrap();
+            testing::round_trip(&c).await;
+            assert_eq!(c.inner.rescans.load(Ordering::Relaxed), 0);
+            let want = State::of(&c.services().await.unwrap());
+            assert_eq!(c.state().await.unwrap(), want);
+            until("the watcher to see the client's writes", || {
+                watching.inner.cache.lock().unwrap().state() == want
+            });
+            testing::deletes(&FileStore::open_client(&d.0.join("other")).unwrap()).await;
+        });
+    }
+
+    /// The allocation index follows applies and deletes, and a Service
+    /// file written by another hand makes the next apply read everything.
+    #[test]
+    fn allocation_index_is_kept_and_counts_only_while_stamped() {
+        let d = TempDir::new("fs-index");
+        let s = FileStore::open_client(&d.0).unwrap();
+        let held = || Taken::of(&s.inner.snapshot(false).unwrap().services);
+        let ip_of = |name: &str| cluster_ip(&s.inner.snapshot(false).unwrap(), name);
+        s.inner.apply(objs(testing::WEB), &small()).unwrap();
+        assert_eq!(s.inner.read_index(), Some(held()));
+        s.inner.apply(objs(&svc("b", "{}")), &small()).unwrap();
+        assert_eq!(s.inner.read_index(), Some(held()));
+        assert_eq!(ip_of("default/b"), "10.96.0.2");
+        // By hand: 10.96.0.3, the next free address, renamed into place
+        // (past the clock tick of the last write).
+        std::thread::sleep(Duration::from_millis(20));
+        let hand = &objs(&svc("hand", "{clusterIP: 10.96.0.3}"))[0];
+        let tmp = d.0.join("services/default/.hand");
+        fs::write(&tmp, encode(hand, true)).unwrap();
+        fs::rename(&tmp, d.0.join("services/default/hand.json")).unwrap();
+        assert_eq!(s.inner.read_index(), None);
+        s.inner.apply(objs(&svc("c", "{}")), &small()).unwrap();
+        assert_eq!(ip_of("default/c"), "10.96.0.4");
+        assert_eq!(s.inner.read_index(), Some(held()));
+        // A delete releases what the Service held.
+        s.inner.delete(&[testing::service_ref("b")]).unwrap();
+        assert_eq!(s.inner.read_index(), Some(held()));
+        s.inner.apply(objs(&svc("d", "{}")), &small()).unwrap();
+        assert_eq!(ip_of("default/d"), "10.96.0.2");
+        // An index that does not match its stamp does not count.
+        fs::write(d.0.join(INDEX), b"{\"ips\": {}, \"ports\": {}}").unwrap();
+        assert_eq!(s.inner.read_index(), None);
+        s.inner.apply(objs(&svc("e", "{}")), &small()).unwrap();
+        assert_eq!(ip_of("default/e"), "10.96.0.5");
     }
 
     #[test]
@@ -1238,7 +1508,7 @@ mod tests {
                 .unwrap();
             }
         });
-        until("every record", || s.inner.nodes().len() == n);
+        until("every record", || s.inner.nodes().unwrap().len() == n);
         assert!(
             s.inner.rescans.load(Ordering::Relaxed) > before,
             "converged without a rescan: the queue did not overflow"
@@ -1309,7 +1579,7 @@ mod tests {
             before,
             "a rescan, not the events, converged"
         );
-        assert!(!s.inner.nodes().is_empty());
+        assert!(!s.inner.nodes().unwrap().is_empty());
     }
 
     /// Writes into a namespace directory that is new, that appeared after

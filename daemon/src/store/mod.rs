@@ -260,6 +260,17 @@ struct Plan {
 }
 
 fn plan_apply(objects: Vec<Object>, current: &Snapshot, ranges: &Ranges) -> StoreResult<Plan> {
+    plan_apply_with(objects, current, alloc::Taken::of(&current.services), ranges)
+}
+
+/// [`plan_apply`] given what every stored Service holds (`taken`) and the
+/// stored versions of (at least) the objects given (`current`).
+fn plan_apply_with(
+    objects: Vec<Object>,
+    current: &Snapshot,
+    taken: alloc::Taken,
+    ranges: &Ranges,
+) -> StoreResult<Plan> {
     let mut seen = BTreeSet::new();
     for o in &objects {
         let r = o.reference();
@@ -278,7 +289,7 @@ fn plan_apply(objects: Vec<Object>, current: &Snapshot, ranges: &Ranges) -> Stor
             at.push(i);
         }
     }
-    alloc::assign(&mut services, &current.services, ranges)?;
+    alloc::assign_with(&mut services, &current.services, taken, ranges)?;
     for (i, s) in at.into_iter().zip(services) {
         objects[i] = Object::Service(Box::new(s));
     }
