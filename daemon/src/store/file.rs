@@ -63,6 +63,8 @@ use crate::service::Snapshot;
 
 const KINDS: [Kind; 2] = [Kind::Service, Kind::EndpointSlice];
 const TMP_PREFIX: &str = ".tmp-";
+/// Up to this many files an apply fsyncs each ([`Inner::write_files`]).
+const FSYNC_EACH: usize = 8;
 const INDEX: &str = "allocations.json";
 const STAMP: &str = ".allocations-stamp";
 
@@ -766,10 +768,12 @@ impl Inner {
             }
         };
         let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
-        // One file is synced on its own; many are synced together with one
-        // syncfs(2) before any rename: an fsync per file made applying 10k
-        // Services take half a minute.
-        let one = files.len() == 1;
+        // A few files are synced each on its own; many are synced together
+        // with one syncfs(2) before any rename: an fsync per file made
+        // applying 10k Services take half a minute, and a syncfs waits for
+        // whatever else the filesystem has dirty (30 ms for a two-file
+        // apply while a build ran).
+        let one = files.len() <= FSYNC_EACH;
         for (path, data) in files {
             let dir = path.parent().expect("a file under the store").to_path_buf();
             let tmp = dir.join(tmp_name());
@@ -852,26 +856,32 @@ impl Inner {
         decode_index(&data)
     }
 
-    /// Stamps `index` (written already) as matching the directories as
-    /// they are now. Best effort: an index without its stamp is rebuilt.
-    fn stamp_index(&self, index: &[u8]) {
-        let path = self.dir.join(STAMP);
-        let Some(dirs) = self.services_dirs() else {
-            let _ = fs::remove_file(&path);
-            return;
+    /// Writes `t` as the index, stamped as matching the directories as
+    /// they are now (under the lock, after the objects' renames). Best
+    /// effort and not synced: an index without its stamp is rebuilt.
+    fn write_index(&self, t: &Taken) {
+        let stamp_path = self.dir.join(STAMP);
+        let data = encode_index(t);
+        let put = |path: &Path, data: &[u8]| {
+            let tmp = self.dir.join(tmp_name());
+            let r = fs::write(&tmp, data).and_then(|()| fs::rename(&tmp, path));
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r
         };
-        let stamp = Stamp {
-            index: nft::fnv1a64(index),
-            dirs,
-        };
-        let tmp = self.dir.join(tmp_name());
-        let data = serde_json::to_vec(&stamp).expect("serialisable");
-        if fs::write(&tmp, data)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .is_err()
-        {
-            let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(&path);
+        // The stamp goes first: a crash between the two leaves a stamp
+        // that the old index does not match.
+        let written = self.services_dirs().is_some_and(|dirs| {
+            let stamp = Stamp {
+                index: nft::fnv1a64(&data),
+                dirs,
+            };
+            let s = serde_json::to_vec(&stamp).expect("serialisable");
+            put(&stamp_path, &s).is_ok() && put(&self.dir.join(INDEX), &data).is_ok()
+        });
+        if !written {
+            let _ = fs::remove_file(&stamp_path);
         }
     }
 
@@ -934,16 +944,12 @@ impl Inner {
             .collect();
         let services_written = !services.is_empty();
         index.replace(services);
-        let index = (rebuilt || services_written).then(|| encode_index(&index));
-        if let Some(data) = &index {
-            // Staged with the objects: the index never holds an apply
-            // that did not happen.
-            files.push((self.dir.join(INDEX), data.clone()));
-        }
         let written: Vec<Slot> = files.iter().filter_map(|(p, _)| self.slot_of(p)).collect();
         self.write_files(files)?;
-        if let Some(data) = &index {
-            self.stamp_index(data);
+        if rebuilt || services_written {
+            // After the objects, not synced: an index lost or stale after
+            // a crash does not match its stamp, and is rebuilt.
+            self.write_index(&index);
         }
         self.refresh(written);
         Ok(plan.applied)
@@ -963,13 +969,7 @@ impl Inner {
                     .map(ObjectRef::key)
                     .collect();
                 t.release(&gone);
-                let data = encode_index(&t);
-                match self.write_files(vec![(self.dir.join(INDEX), data.clone())]) {
-                    Ok(()) => self.stamp_index(&data),
-                    Err(_) => {
-                        let _ = fs::remove_file(self.dir.join(STAMP));
-                    }
-                }
+                self.write_index(&t);
             }
             _ => {
                 let _ = fs::remove_file(self.dir.join(STAMP));
