@@ -45,8 +45,8 @@ use nft::reply;
 use nft::{Chain, Elem, ElemData, Hook, Nfnl, NftError, Req, SetRef, SetSpec, Table};
 
 use super::render::{
-    ep_from_data, fingerprint, Changes, MapName, Rule, Target, View, Written, AFFINITY_PREFIX,
-    EXT_PREFIX, REJECT_CHAIN, SVC_PREFIX,
+    ep_from_data, fingerprint, Changes, Key as ElemKey, MapName, Rule, Target, View, Written,
+    AFFINITY_PREFIX, EXT_PREFIX, REJECT_CHAIN, SVC_PREFIX,
 };
 
 pub const TABLE: &str = "ferry-svc";
@@ -487,7 +487,7 @@ fn elem(key: &[u8], t: &Target) -> Elem {
             Target::Goto(c) => ElemData::Goto(c.clone()),
             Target::Drop => ElemData::Drop,
             Target::Member => ElemData::None,
-            Target::Value(v) => ElemData::Value(v.clone()),
+            Target::Value(v) => ElemData::Value(v.to_vec()),
         },
         comment: None,
     }
@@ -515,7 +515,7 @@ fn requests(c: &Changes, new: &impl View, rebuild: Option<bool>) -> Vec<Req> {
         chain_rules(&mut b, name, new.rules(name));
     }
     for (map, keys) in &c.del_elems {
-        let elems: Vec<Elem> = keys.iter().map(|k| Elem::key(k.clone())).collect();
+        let elems: Vec<Elem> = keys.iter().map(|k| Elem::key(k.to_vec())).collect();
         b.del_elems(map.name(), &elems);
     }
     for (map, adds) in &c.add_elems {
@@ -575,13 +575,21 @@ fn observe(nl: &mut Nfnl) -> Result<Option<Option<Written>>, NftError> {
         let elems = reply::parse_elems(&nl.request(&t.dump_elems(m.name()))?);
         let map = w.elems.entry(m).or_default();
         for e in elems {
+            // The kernel holds a set's elements to its key and data
+            // lengths, which are ours: anything longer is not our table.
+            let Some(key) = ElemKey::new(&e.key) else {
+                return Ok(Some(None));
+            };
             let target = match (e.chain, e.verdict, e.value) {
                 (Some(c), _, _) => Target::Goto(c),
                 (None, Some(0), _) => Target::Drop,
-                (None, None, Some(v)) => Target::Value(v),
+                (None, None, Some(v)) => match ElemKey::new(&v) {
+                    Some(v) => Target::Value(v),
+                    None => return Ok(Some(None)),
+                },
                 _ => Target::Member,
             };
-            map.insert(e.key, target);
+            map.insert(key, target);
         }
     }
     w.elems.retain(|_, v| !v.is_empty());

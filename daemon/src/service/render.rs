@@ -95,7 +95,7 @@ pub enum Target {
     /// A plain set's element.
     Member,
     /// A data map's value.
-    Value(Vec<u8>),
+    Value(Key),
 }
 
 /// The chain that refuses connections at once (TCP RST, ICMP port
@@ -139,7 +139,7 @@ pub enum Rule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub chains: BTreeMap<String, Vec<Rule>>,
-    pub elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Target>>,
+    pub elems: BTreeMap<MapName, BTreeMap<Key, Target>>,
     /// Affinity sets by name.
     pub affinity: BTreeMap<String, Affinity>,
 }
@@ -156,7 +156,7 @@ pub struct Affinity {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Written {
     pub chains: BTreeMap<String, u64>,
-    pub elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Target>>,
+    pub elems: BTreeMap<MapName, BTreeMap<Key, Target>>,
     /// Affinity sets by the fingerprint of their endpoints; `None` when
     /// read from the kernel (unknown: its stale entries are looked for).
     pub affinity: BTreeMap<String, Option<u64>>,
@@ -188,7 +188,7 @@ impl Ruleset {
         }
     }
 
-    fn put(&mut self, map: MapName, key: Vec<u8>, t: Target) {
+    fn put(&mut self, map: MapName, key: Key, t: Target) {
         self.elems.entry(map).or_default().insert(key, t);
     }
 }
@@ -273,13 +273,66 @@ impl Owners {
 /// rulesets.
 #[derive(Debug, Default)]
 pub struct Desired {
-    elems: BTreeMap<MapName, BTreeMap<Vec<u8>, Owners>>,
-    chains: HashMap<String, Vec<Rule>>,
+    /// The elements of the maps that Services may share, with their owners.
+    elems: BTreeMap<MapName, BTreeMap<Key, Owners>>,
+    /// Each chain with the endpoints its DNAT picks from: the elements of
+    /// the per-chain maps ([`per_chain`]) follow from these, five of them
+    /// in one small vector instead of five map entries.
+    chains: HashMap<String, Chain>,
     affinity: HashMap<String, Affinity>,
 }
 
+#[derive(Debug)]
+struct Chain {
+    rules: Vec<Rule>,
+    eps: Vec<Ep>,
+}
+
+/// Maps whose keys start with a chain's key: no two chains (so no two
+/// Services) share an element.
+fn per_chain(m: MapName) -> bool {
+    matches!(m, MapName::Endpoints(_) | MapName::ChainEndpoints)
+}
+
+impl Chain {
+    /// The chain `rules` of `rs`, with the endpoints `rs` maps its slots to.
+    fn of(rules: Vec<Rule>, rs: &Ruleset) -> Chain {
+        let mut eps = Vec::new();
+        for r in &rules {
+            if let Rule::Dnat { key, count, .. } = r {
+                let slots = rs.elems.get(&MapName::endpoints_of(*key));
+                eps = (0..*count)
+                    .filter_map(|i| match slots?.get(&endpoint_slot(*key, i))? {
+                        Target::Value(v) => ep_from_data(v),
+                        _ => None,
+                    })
+                    .collect();
+            }
+        }
+        Chain { rules, eps }
+    }
+
+    /// Its elements of the per-chain maps.
+    fn elems(&self, out: &mut BTreeMap<MapName, BTreeMap<Key, Target>>) {
+        for r in &self.rules {
+            if let Rule::Dnat { key, affinity, .. } = r {
+                let slots = out.entry(MapName::endpoints_of(*key)).or_default();
+                for (i, ep) in self.eps.iter().enumerate() {
+                    slots.insert(endpoint_slot(*key, i as u32), Target::Value(ep_data(*ep)));
+                }
+                if affinity.is_some() {
+                    let current = out.entry(MapName::ChainEndpoints).or_default();
+                    for ep in &self.eps {
+                        current.insert(chain_endpoint(*key, *ep), Target::Member);
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Desired {
-    fn target(&self, map: MapName, key: &[u8]) -> Option<&Target> {
+    fn target(&self, map: MapName, key: &Key) -> Option<&Target> {
         Some(self.elems.get(&map)?.get(key)?.target())
     }
 
@@ -292,22 +345,40 @@ impl Desired {
         batch: impl IntoIterator<Item = (String, Ruleset, Ruleset)>,
     ) -> Changes {
         let mut c = Changes::default();
-        // Each element touched, with the target it had before the batch.
-        let mut before: BTreeMap<(MapName, Vec<u8>), Option<Target>> = BTreeMap::new();
+        // Each shared element touched, with the target it had before.
+        let mut before: BTreeMap<(MapName, Key), Option<Target>> = BTreeMap::new();
+        let empty = BTreeMap::new();
         for (svc, old, new) in batch {
             let svc: Arc<str> = Arc::from(svc);
             for rs in [&old, &new] {
-                for (map, elems) in &rs.elems {
+                for (map, elems) in rs.elems.iter().filter(|(m, _)| !per_chain(**m)) {
                     for k in elems.keys() {
                         if let std::collections::btree_map::Entry::Vacant(e) =
-                            before.entry((*map, k.clone()))
+                            before.entry((*map, *k))
                         {
                             e.insert(self.target(*map, k).cloned());
                         }
                     }
                 }
             }
-            for (map, elems) in &old.elems {
+            // The per-chain maps: straight from old to new.
+            for (map, elems) in old.elems.iter().filter(|(m, _)| per_chain(**m)) {
+                let now = new.elems.get(map).unwrap_or(&empty);
+                for (k, t) in elems {
+                    if now.get(k) != Some(t) {
+                        c.del_elems.entry(*map).or_default().push(*k);
+                    }
+                }
+            }
+            for (map, elems) in new.elems.iter().filter(|(m, _)| per_chain(**m)) {
+                let was = old.elems.get(map).unwrap_or(&empty);
+                for (k, t) in elems {
+                    if was.get(k) != Some(t) {
+                        c.add_elems.entry(*map).or_default().push((*k, t.clone()));
+                    }
+                }
+            }
+            for (map, elems) in old.elems.iter().filter(|(m, _)| !per_chain(**m)) {
                 let kept = new.elems.get(map);
                 for k in elems
                     .keys()
@@ -319,13 +390,13 @@ impl Desired {
                     }
                 }
             }
-            for (map, elems) in &new.elems {
+            for (map, elems) in new.elems.iter().filter(|(m, _)| !per_chain(**m)) {
                 let owners = self.elems.entry(*map).or_default();
                 for (k, t) in elems {
                     match owners.get_mut(k) {
                         Some(o) => o.add(&svc, t),
                         None => {
-                            owners.insert(k.clone(), Owners::One(svc.clone(), t.clone()));
+                            owners.insert(*k, Owners::One(svc.clone(), t.clone()));
                         }
                     }
                 }
@@ -334,11 +405,12 @@ impl Desired {
                 c.del_chains.push(name.clone());
                 self.chains.remove(name);
             }
-            for (name, rules) in new.chains {
-                if old.chains.get(&name) != Some(&rules) {
+            for (name, rules) in &new.chains {
+                if old.chains.get(name) != Some(rules) {
                     c.write_chains.push(name.clone());
                 }
-                self.chains.insert(name, rules);
+                self.chains
+                    .insert(name.clone(), Chain::of(rules.clone(), &new));
             }
             for name in old
                 .affinity
@@ -364,7 +436,7 @@ impl Desired {
             }
             let now = now.cloned();
             if was.is_some() {
-                c.del_elems.entry(map).or_default().push(k.clone());
+                c.del_elems.entry(map).or_default().push(k);
             }
             if let Some(t) = now {
                 c.add_elems.entry(map).or_default().push((k, t));
@@ -377,7 +449,7 @@ impl Desired {
 
 impl View for Desired {
     fn rules(&self, chain: &str) -> &[Rule] {
-        &self.chains[chain]
+        &self.chains[chain].rules
     }
 
     fn affinity(&self, name: &str) -> &Affinity {
@@ -385,20 +457,25 @@ impl View for Desired {
     }
 
     fn written(&self) -> Written {
+        let mut elems: BTreeMap<MapName, BTreeMap<Key, Target>> = self
+            .elems
+            .iter()
+            .map(|(map, m)| {
+                let m = m.iter().map(|(k, o)| (*k, o.target().clone()));
+                (*map, m.collect())
+            })
+            .collect();
+        for c in self.chains.values() {
+            c.elems(&mut elems);
+        }
+        elems.retain(|_, m| !m.is_empty());
         Written {
             chains: self
                 .chains
                 .iter()
-                .map(|(n, r)| (n.clone(), fingerprint(r)))
+                .map(|(n, c)| (n.clone(), fingerprint(&c.rules)))
                 .collect(),
-            elems: self
-                .elems
-                .iter()
-                .map(|(map, m)| {
-                    let m = m.iter().map(|(k, o)| (k.clone(), o.target().clone()));
-                    (*map, m.collect())
-                })
-                .collect(),
+            elems,
             affinity: self
                 .affinity
                 .iter()
@@ -410,21 +487,96 @@ impl View for Desired {
 
 // ---- keys -------------------------------------------------------------------
 
+/// A set element's key or a map element's data, inline: at most 16 bytes
+/// (the longest of ferry's is `chain key . endpoint`; the kernel holds
+/// every element of a set to the set's own lengths). 80k elements at 10k
+/// Services are 80k heap allocations fewer, and a diff copies no heap.
+/// Ordered and compared as its bytes.
+#[derive(Clone, Copy)]
+pub struct Key {
+    len: u8,
+    b: [u8; Key::MAX],
+}
+
+impl Key {
+    pub const MAX: usize = 16;
+
+    /// `None` when `bytes` is longer than [`Key::MAX`].
+    pub fn new(bytes: &[u8]) -> Option<Key> {
+        let mut b = [0; Key::MAX];
+        b.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(Key {
+            len: bytes.len() as u8,
+            b,
+        })
+    }
+
+    fn of(parts: &[&[u8]]) -> Key {
+        let mut k = Key {
+            len: 0,
+            b: [0; Key::MAX],
+        };
+        for p in parts {
+            let at = usize::from(k.len);
+            k.b[at..at + p.len()].copy_from_slice(p);
+            k.len += p.len() as u8;
+        }
+        k
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.b[..usize::from(self.len)]
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, o: &Key) -> bool {
+        **self == **o
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Key) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, o: &Key) -> std::cmp::Ordering {
+        (**self).cmp(&**o)
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h)
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// `ipv4_addr . inet_proto . inet_service`: each field padded to 4 bytes.
-pub fn ip_proto_port(ip: Ipv4Addr, proto: u8, port: u16) -> Vec<u8> {
-    let mut k = ip.octets().to_vec();
-    k.extend([proto, 0, 0, 0]);
-    k.extend(port.to_be_bytes());
-    k.extend([0, 0]);
-    k
+pub fn ip_proto_port(ip: Ipv4Addr, proto: u8, port: u16) -> Key {
+    Key::of(&[
+        &ip.octets(),
+        &[proto, 0, 0, 0],
+        &port.to_be_bytes(),
+        &[0, 0],
+    ])
 }
 
 /// `inet_proto . inet_service`.
-pub fn proto_port(proto: u8, port: u16) -> Vec<u8> {
-    let mut k = vec![proto, 0, 0, 0];
-    k.extend(port.to_be_bytes());
-    k.extend([0, 0]);
-    k
+pub fn proto_port(proto: u8, port: u16) -> Key {
+    Key::of(&[&[proto, 0, 0, 0], &port.to_be_bytes(), &[0, 0]])
 }
 
 /// The key of a chain's endpoints in the shared maps.
@@ -434,25 +586,18 @@ pub fn chain_key(chain: &str) -> u64 {
 
 /// `chain key . index` of the `endpoints` map; the index in host byte
 /// order, as `numgen` writes it.
-pub fn endpoint_slot(key: u64, i: u32) -> Vec<u8> {
-    let mut k = key.to_be_bytes().to_vec();
-    k.extend(i.to_ne_bytes());
-    k
+pub fn endpoint_slot(key: u64, i: u32) -> Key {
+    Key::of(&[&key.to_be_bytes(), &i.to_ne_bytes()])
 }
 
 /// `chain key . endpoint` of the `chain-endpoints` set.
-pub fn chain_endpoint(key: u64, ep: Ep) -> Vec<u8> {
-    let mut k = key.to_be_bytes().to_vec();
-    k.extend(ep_data(ep));
-    k
+pub fn chain_endpoint(key: u64, ep: Ep) -> Key {
+    Key::of(&[&key.to_be_bytes(), &ep_data(ep)])
 }
 
 /// `ipv4_addr . inet_service`: a DNAT target as map data.
-pub fn ep_data(ep: Ep) -> Vec<u8> {
-    let mut d = ep.ip.octets().to_vec();
-    d.extend(ep.port.to_be_bytes());
-    d.extend([0, 0]);
-    d
+pub fn ep_data(ep: Ep) -> Key {
+    Key::of(&[&ep.ip.octets(), &ep.port.to_be_bytes(), &[0, 0]])
 }
 
 pub fn ep_from_data(d: &[u8]) -> Option<Ep> {
@@ -536,9 +681,13 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
     };
     let reject = Target::Goto(REJECT_CHAIN.into());
     for ip in &p.cluster_ips {
-        rs.put(MapName::ClusterIps, ip.octets().to_vec(), Target::Member);
+        rs.put(
+            MapName::ClusterIps,
+            Key::of(&[&ip.octets()]),
+            Target::Member,
+        );
         let key = ip_proto_port(*ip, p.proto, p.port);
-        rs.put(MapName::ServicePorts, key.clone(), Target::Member);
+        rs.put(MapName::ServicePorts, key, Target::Member);
         match &internal {
             Some(t) => rs.put(MapName::ServiceIps, key, t.clone()),
             None => rs.put(MapName::NoEndpointIps, key, reject.clone()),
@@ -561,8 +710,7 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
         }
     }
     for ep in &p.local {
-        let mut k = ep.ip.octets().to_vec();
-        k.extend(ep.ip.octets());
+        let k = Key::of(&[&ep.ip.octets(), &ep.ip.octets()]);
         rs.put(MapName::Hairpin, k, Target::Member);
     }
 }
@@ -575,8 +723,8 @@ pub struct Changes {
     pub add_affinity: Vec<String>,
     /// Chains created or rewritten (flushed, then their rules added).
     pub write_chains: Vec<String>,
-    pub del_elems: BTreeMap<MapName, Vec<Vec<u8>>>,
-    pub add_elems: BTreeMap<MapName, Vec<(Vec<u8>, Target)>>,
+    pub del_elems: BTreeMap<MapName, Vec<Key>>,
+    pub add_elems: BTreeMap<MapName, Vec<(Key, Target)>>,
     pub del_chains: Vec<String>,
     pub del_affinity: Vec<String>,
     /// Affinity sets whose endpoints changed (or are unknown): entries
@@ -631,15 +779,15 @@ pub fn diff(old: &Written, new: &Written) -> Changes {
             old.elems.get(&map).unwrap_or(&empty),
             new.elems.get(&map).unwrap_or(&empty),
         );
-        let dels: Vec<Vec<u8>> = o
+        let dels: Vec<Key> = o
             .iter()
             .filter(|(k, t)| n.get(*k) != Some(*t))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
-        let adds: Vec<(Vec<u8>, Target)> = n
+        let adds: Vec<(Key, Target)> = n
             .iter()
             .filter(|(k, t)| o.get(*k) != Some(*t))
-            .map(|(k, t)| (k.clone(), t.clone()))
+            .map(|(k, t)| (*k, t.clone()))
             .collect();
         if !dels.is_empty() {
             c.del_elems.insert(map, dels);
@@ -700,7 +848,7 @@ mod tests {
             MapName::ChainEndpoints => format!(
                 "{:016x} . {}",
                 u64::from_be_bytes(k[0..8].try_into().unwrap()),
-                target_text(&Target::Value(k[8..].to_vec()))
+                target_text(&Target::Value(Key::new(&k[8..]).unwrap()))
             ),
         }
     }
@@ -883,10 +1031,7 @@ mod tests {
         for (map, adds) in &c.add_elems {
             let m = w.elems.entry(*map).or_default();
             for (k, t) in adds {
-                assert!(
-                    m.insert(k.clone(), t.clone()).is_none(),
-                    "add over an element"
-                );
+                assert!(m.insert(*k, t.clone()).is_none(), "add over an element");
             }
         }
         w.elems.retain(|_, m| !m.is_empty());
@@ -979,10 +1124,17 @@ mod tests {
     #[test]
     fn key_layouts() {
         assert_eq!(
-            ip_proto_port("10.96.0.1".parse().unwrap(), 6, 443),
-            vec![10, 96, 0, 1, 6, 0, 0, 0, 1, 187, 0, 0]
+            *ip_proto_port("10.96.0.1".parse().unwrap(), 6, 443),
+            [10, 96, 0, 1, 6, 0, 0, 0, 1, 187, 0, 0]
         );
-        assert_eq!(proto_port(17, 30053), vec![17, 0, 0, 0, 0x75, 0x65, 0, 0]);
+        assert_eq!(*proto_port(17, 30053), [17, 0, 0, 0, 0x75, 0x65, 0, 0]);
+        let k = chain_endpoint(u64::MAX, ep("10.244.1.5", 8080));
+        assert_eq!(k.len(), Key::MAX);
+        assert_eq!(Key::new(&k), Some(k));
+        assert_eq!(Key::new(&[0; 17]), None);
+        // Ordered as bytes, whatever the length.
+        assert!(Key::new(&[1]).unwrap() < Key::new(&[1, 0]).unwrap());
+        assert!(Key::new(&[1, 0]).unwrap() < Key::new(&[2]).unwrap());
         let e = ep("10.244.1.5", 8080);
         assert_eq!(ep_from_data(&ep_data(e)), Some(e));
     }
