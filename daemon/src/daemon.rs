@@ -283,6 +283,7 @@ pub async fn run<S: Store>(
     underlay: Underlay,
     listener: Option<TcpListener>,
 ) -> Result<(), DaemonError> {
+    fixed_mmap_threshold();
     let status = Arc::new(Status::default());
     let ready_file = s.ready_file();
     conflist::remove_if_exists(&ready_file)
@@ -377,6 +378,19 @@ pub async fn run<S: Store>(
     let _ = conflist::remove_if_exists(&ready_file);
     tracing::info!("{why}: stopping; the datapath stays in place for the next ferryd to adopt");
     Ok(())
+}
+
+/// glibc raises its mmap threshold each time a large block is freed; from
+/// then on the large, short-lived buffers of a full Services sync (the
+/// transaction, the table read back) come from the heap and leave it
+/// fragmented: at 10k Services, megabytes that stay resident. A fixed
+/// threshold keeps them in mappings of their own, returned when freed.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Registration and lease renewal. Re-registers when the record vanished
