@@ -97,6 +97,11 @@ impl<V: Eq> Shards<V> {
         self.shards.iter().all(|s| s.is_empty())
     }
 
+    /// Every key, piece by piece (not in key order).
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.shards.iter().flat_map(|s| s.keys())
+    }
+
     /// Every entry, piece by piece (not in key order).
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<V>)> {
         self.shards.iter().flat_map(|s| s.iter())

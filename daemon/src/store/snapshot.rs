@@ -140,6 +140,44 @@ impl Cache {
         changed
     }
 
+    /// Drops every slot that `keep` does not name; true if that changed
+    /// anything.
+    pub(crate) fn retain(&mut self, keep: &std::collections::BTreeSet<Slot>) -> bool {
+        let nodes = self.nodes.len();
+        self.nodes.retain(|s, _| keep.contains(&Slot::Node(*s)));
+        let mut gone = Vec::new();
+        let keys = self
+            .services
+            .services
+            .keys()
+            .map(|k| (Kind::Service, k))
+            .chain(
+                self.services
+                    .slices
+                    .keys()
+                    .map(|k| (Kind::EndpointSlice, k)),
+            );
+        for (kind, k) in keys {
+            let held = k.split_once('/').is_some_and(|(ns, name)| {
+                keep.contains(&Slot::Object {
+                    kind,
+                    namespace: ns.into(),
+                    name: name.into(),
+                })
+            });
+            if !held {
+                gone.push((kind, k.clone()));
+            }
+        }
+        for (kind, k) in &gone {
+            self.services.remove(*kind, k);
+        }
+        if !gone.is_empty() {
+            self.version += 1;
+        }
+        nodes != self.nodes.len() || !gone.is_empty()
+    }
+
     /// Records that did not leave and whose lease has not expired at `now_ms`.
     pub(crate) fn live_nodes(&self, now_ms: u64) -> Vec<NodeRecord> {
         self.nodes
@@ -166,6 +204,39 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rescan sets what it finds and drops the rest: the same as a
+    /// snapshot built from what it found.
+    #[test]
+    fn retain_drops_what_was_not_found() {
+        let objs = crate::service::model::parse(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.2}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: []\n",
+        )
+        .unwrap();
+        let slot = |o: &Object| {
+            let r = o.reference();
+            Slot::Object {
+                kind: r.kind,
+                namespace: r.namespace,
+                name: r.name,
+            }
+        };
+        let mut all = Cache::default();
+        for o in &objs {
+            assert!(all.set(slot(o), Some(Value::Object(o.clone()))));
+        }
+        let v = all.version();
+        // Found again: a only.
+        let keep: std::collections::BTreeSet<Slot> = [slot(&objs[0])].into();
+        assert!(all.retain(&keep));
+        assert!(all.version() > v);
+        let mut only = Cache::default();
+        only.set(slot(&objs[0]), Some(Value::Object(objs[0].clone())));
+        assert_eq!(all, only);
+        assert!(!all.retain(&keep), "nothing more to drop");
+    }
 
     #[test]
     fn slots() {
