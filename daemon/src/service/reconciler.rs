@@ -19,6 +19,10 @@ use super::render::{render, Changes, Desired, Ruleset};
 use super::state::State;
 use crate::health::{self, Status};
 
+/// A sync that changed more elements than this (a full one, or a load of
+/// thousands of Services) gives the memory it freed back to the kernel.
+const TRIM_AFTER: usize = 10_000;
+
 /// Syncs no closer together than this: a burst of changes is one sync.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -205,11 +209,12 @@ pub async fn run(
     let mut checks = HealthChecks::default();
     let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_start = tokio::time::Instant::now();
+    // When the last sync that wrote anything started.
+    let mut last_write = tokio::time::Instant::now();
     loop {
         let snap = snapshots.borrow_and_update().clone();
         if let Some(snap) = snap {
-            last_start = tokio::time::Instant::now();
+            let started = tokio::time::Instant::now();
             let t0 = Instant::now();
             let was_full = full;
             let mut pl = planner.take().expect("returned after each sync");
@@ -229,11 +234,13 @@ pub async fn run(
                     // The planner keeps the desired state; a copy of it
                     // in the datapath would double ferryd's memory.
                     d.drop_written();
-                    release_free_memory();
                     r
                 } else {
                     d.apply(&step.changes, &pl.desired)
                 };
+                if full || step.changes.elements() > TRIM_AFTER {
+                    release_free_memory();
+                }
                 (Some(d), pl, r.map(|s| (s, step)))
             })
             .await
@@ -252,6 +259,7 @@ pub async fn run(
                     sv.last_sync_micros
                         .store(t0.elapsed().as_micros() as u64, Relaxed);
                     if stats.requests > 0 {
+                        last_write = started;
                         tracing::info!(
                             ports = pl.ports,
                             chains = stats.chains_written,
@@ -293,9 +301,10 @@ pub async fn run(
             r = snapshots.changed() => if r.is_err() { return },
             _ = timer.tick() => full = true,
         }
-        // A burst of changes is one sync; a change after a quiet spell is
-        // synced at once.
-        tokio::time::sleep_until(last_start + MIN_INTERVAL).await;
+        // A burst of changes is one sync; a change after a quiet spell, or
+        // after a step that wrote nothing (a slice that lands before its
+        // Service), is synced at once.
+        tokio::time::sleep_until(last_write + MIN_INTERVAL).await;
     }
 }
 

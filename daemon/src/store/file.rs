@@ -947,8 +947,12 @@ impl Inner {
         let mut index = taken.clone();
         let plan = plan_apply_with(objects, &current, taken, &ranges)?;
         before_write();
-        let mut files: Vec<(PathBuf, Vec<u8>)> = plan
-            .writes
+        // Slices are renamed into place before Services: a watcher that
+        // sees a new Service sees it with its endpoints, in one sync,
+        // instead of refusing connections to it until the slice lands.
+        let mut writes: Vec<&Object> = plan.writes.iter().collect();
+        writes.sort_by_key(|o| matches!(o, Object::Service(_)));
+        let mut files: Vec<(PathBuf, Vec<u8>)> = writes
             .iter()
             .map(|o| (self.object_path(&o.reference()), encode(o, true)))
             .collect();
