@@ -11,7 +11,7 @@
 //! own key over with a transaction on its `mod_revision`. Keys vanish when
 //! their lease expires, which frees the subnet.
 //!
-//! What `nodes()` and `services()` answer is held in memory: listed once at
+//! What `nodes()` and `state()` answer is held in memory: listed once at
 //! start, then kept current by a watch on the whole prefix, one event (a put
 //! or a delete, with its revision) at a time; a peer whose lease expires
 //! arrives as the delete of its key. A broken watch resumes from the

@@ -21,8 +21,9 @@
 //! `subnets/`, on `services/` and `endpointslices/` and on each namespace
 //! directory below them, added as they appear).
 //!
-//! What `nodes()` and `services()` answer is held in memory: the directory
-//! is read whole at start, then each inotify event names the one file to
+//! What `nodes()` and `state()` answer is held in memory (not so for
+//! `ferryctl`'s store, [`FileStore::open_client`]): the directory is read
+//! whole at start, then each inotify event names the one file to
 //! read again. It is read whole again only when inotify's queue overflowed
 //! (`IN_Q_OVERFLOW`: events were lost) and on the reconcile timer
 //! ([`ClusterState::resync`]), which repairs anything else missed. A write

@@ -1,6 +1,6 @@
 //! What a store knows, held in memory and kept current one key at a time
 //! (etcd: its watch events; the file store: inotify naming the file), so
-//! that `nodes()` and `services()` answer without reading the backend and
+//! that `nodes()` and `state()` answer without reading the backend and
 //! a change costs the one record it changes, not the whole cluster.
 //!
 //! Keys are the store's own, relative to its root and without a file
