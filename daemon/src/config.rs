@@ -781,7 +781,9 @@ mod tests {
     #[test]
     fn example_config_files_resolve() {
         for name in ["ferryd.json", "ferryd-etcd-tls.json"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf").join(name);
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../conf")
+                .join(name);
             let a = args(&["--config", path.to_str().unwrap()])
                 .with_config_file()
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -260,7 +260,12 @@ struct Plan {
 }
 
 fn plan_apply(objects: Vec<Object>, current: &Snapshot, ranges: &Ranges) -> StoreResult<Plan> {
-    plan_apply_with(objects, current, alloc::Taken::of(&current.services), ranges)
+    plan_apply_with(
+        objects,
+        current,
+        alloc::Taken::of(&current.services),
+        ranges,
+    )
 }
 
 /// [`plan_apply`] given what every stored Service holds (`taken`) and the
