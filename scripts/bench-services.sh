@@ -146,7 +146,10 @@ add_pod() { # name; sets POD_IP
     [[ $POD_IP =~ ^[0-9.]+$ ]] || die "ADD of pod $1"
 }
 serve() { # name
-    x "$ID-$T-$1" "$PY" -u "$HELP" serve "$1" 8080 >"$TMP/$T/serve-$1.log" 2>&1 &
+    # `ip netns exec` directly so that $! is the server itself: through
+    # the x function, $! was a subshell, and the cleanup's kill left the
+    # servers running in their deleted namespaces.
+    ip netns exec "$ID-$T-$1" "$PY" -u "$HELP" serve "$1" 8080 >"$TMP/$T/serve-$1.log" 2>&1 &
     PIDS+=($!)
 }
 mknode() { # tag
