@@ -880,7 +880,11 @@ impl Membership for EtcdStore {
 
 impl ClusterState for EtcdStore {
     async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
-        let cache = self.shared.cache.lock().expect("not poisoned");
+        Ok(super::records_of(&self.node_set().await?))
+    }
+
+    async fn node_set(&self) -> StoreResult<super::NodeSet> {
+        let mut cache = self.shared.cache.lock().expect("not poisoned");
         Ok(cache.live_nodes(0))
     }
 

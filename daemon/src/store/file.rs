@@ -548,11 +548,15 @@ impl Inner {
         if !self.watched {
             return Ok(live(self.read_all()?, now_ms()));
         }
-        Ok(self
-            .cache
-            .lock()
-            .expect("not poisoned")
-            .live_nodes(now_ms()))
+        Ok(super::records_of(&self.node_set()?))
+    }
+
+    fn node_set(&self) -> StoreResult<super::NodeSet> {
+        if !self.watched {
+            return Ok(super::node_set_of(self.nodes()?));
+        }
+        let mut cache = self.cache.lock().expect("not poisoned");
+        Ok(cache.live_nodes(now_ms()))
     }
 
     fn file_of(&self, slot: &Slot) -> PathBuf {
@@ -1098,6 +1102,10 @@ impl Membership for FileStore {
 impl ClusterState for FileStore {
     async fn nodes(&self) -> StoreResult<Vec<NodeRecord>> {
         self.inner.nodes()
+    }
+
+    async fn node_set(&self) -> StoreResult<super::NodeSet> {
+        self.inner.node_set()
     }
 
     async fn services(&self) -> StoreResult<Snapshot> {

@@ -29,11 +29,33 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use crate::record::{AllocError, Mac, NodeRecord};
+use crate::record::{self, AllocError, Mac, NodeRecord};
 use crate::service::alloc::{self, Ranges};
 use crate::service::model::{self, Kind, Object, ObjectRef};
-use crate::service::state::State;
+use crate::service::state::{Shards, State};
 use crate::service::Snapshot;
+
+/// Live node records by a key that stays the record's from one read to
+/// the next (file and etcd: its subnet key), in pieces that successive
+/// reads share: the overlay asks it what changed since the last one it
+/// applied, for the cost of what changed.
+pub type NodeSet = Shards<NodeRecord>;
+
+/// The records of `set`, in subnet order.
+pub fn records_of(set: &NodeSet) -> Vec<NodeRecord> {
+    let mut v: Vec<NodeRecord> = set.iter().map(|(_, r)| (**r).clone()).collect();
+    v.sort_by_key(|r| r.subnet);
+    v
+}
+
+/// A [`NodeSet`] of `records`, keyed by node name and subnet.
+pub fn node_set_of(records: impl IntoIterator<Item = NodeRecord>) -> NodeSet {
+    let mut set = NodeSet::default();
+    for r in records {
+        set.insert(format!("{}/{}", r.node, record::subnet_key(r.subnet)), r);
+    }
+    set
+}
 
 /// What a node asks for when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +183,11 @@ pub trait ClusterState: Send + Sync + 'static {
     /// Live records of all nodes (this one included), without those that
     /// left or whose lease expired.
     fn nodes(&self) -> impl Future<Output = StoreResult<Vec<NodeRecord>>> + Send;
+    /// The same records as a [`NodeSet`]: the file and etcd stores answer
+    /// from memory for the cost of a few reference counts.
+    fn node_set(&self) -> impl Future<Output = StoreResult<NodeSet>> + Send {
+        async { Ok(node_set_of(self.nodes().await?)) }
+    }
     /// All Services and EndpointSlices as the API's objects, read at one
     /// point in time (etcd: one revision) from the backend: what `ferryctl
     /// get` shows. An object that cannot be read or is not valid is left

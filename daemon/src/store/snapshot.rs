@@ -9,10 +9,11 @@
 //! file store keeps an expiry next to a record, etcd a lease); what a key
 //! holds afterwards is decided here, the same for an event and a relist.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnetwork::Ipv4Network;
 
+use super::NodeSet;
 use crate::record::{self, NodeRecord};
 use crate::service::model::{Kind, Object};
 use crate::service::state::State;
@@ -69,6 +70,12 @@ pub(crate) enum Value {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Cache {
     nodes: BTreeMap<Ipv4Network, Node>,
+    /// The records of `nodes` that have not left, as [`Cache::live_nodes`]
+    /// answers (minus those that expired since it last did), kept with
+    /// each change: a reader gets them for the cost of 64 reference counts.
+    live: NodeSet,
+    /// The records of `live` that expire, by when.
+    expiring: BTreeSet<(u64, Ipv4Network)>,
     /// What the datapath reads of the Services and slices (not the API's
     /// objects), in pieces shared with readers until a change copies one:
     /// a reader gets it for the cost of 128 reference counts.
@@ -96,10 +103,17 @@ impl Cache {
                 if self.nodes.get(&subnet) == Some(&n) {
                     return false;
                 }
-                self.nodes.insert(subnet, n);
+                let old = self.nodes.insert(subnet, n);
+                self.relive(subnet, old.as_ref());
                 true
             }
-            (Slot::Node(subnet), _) => self.nodes.remove(&subnet).is_some(),
+            (Slot::Node(subnet), _) => {
+                let Some(old) = self.nodes.remove(&subnet) else {
+                    return false;
+                };
+                self.relive(subnet, Some(&old));
+                true
+            }
             (Slot::Object { kind, .. }, Some(Value::Object(o))) if o.reference().kind == kind => {
                 // A change the datapath does not read (labels, a selector)
                 // is no change here.
@@ -132,7 +146,16 @@ impl Cache {
     pub(crate) fn replace(&mut self, fresh: Cache) -> bool {
         let services_differ = self.services != fresh.services;
         let changed = services_differ || self.nodes != fresh.nodes;
-        self.nodes = fresh.nodes;
+        let old = std::mem::replace(&mut self.nodes, fresh.nodes);
+        let moved: BTreeSet<Ipv4Network> = old
+            .iter()
+            .filter(|(k, n)| self.nodes.get(k) != Some(n))
+            .map(|(k, _)| *k)
+            .chain(self.nodes.keys().filter(|k| !old.contains_key(k)).copied())
+            .collect();
+        for subnet in moved {
+            self.relive(subnet, old.get(&subnet));
+        }
         if services_differ {
             self.services = fresh.services;
             self.version += 1;
@@ -144,7 +167,13 @@ impl Cache {
     /// anything.
     pub(crate) fn retain(&mut self, keep: &std::collections::BTreeSet<Slot>) -> bool {
         let nodes = self.nodes.len();
-        self.nodes.retain(|s, _| keep.contains(&Slot::Node(*s)));
+        let (kept, dropped) = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .partition(|(s, _)| keep.contains(&Slot::Node(*s)));
+        self.nodes = kept;
+        for (subnet, old) in dropped {
+            self.relive(subnet, Some(&old));
+        }
         let mut gone = Vec::new();
         let keys = self
             .services
@@ -178,13 +207,38 @@ impl Cache {
         nodes != self.nodes.len() || !gone.is_empty()
     }
 
-    /// Records that did not leave and whose lease has not expired at `now_ms`.
-    pub(crate) fn live_nodes(&self, now_ms: u64) -> Vec<NodeRecord> {
-        self.nodes
-            .values()
-            .filter(|n| !n.record.left && n.expires_ms > now_ms)
-            .map(|n| n.record.clone())
-            .collect()
+    /// Brings `live` and `expiring` up to what `nodes` holds for `subnet`,
+    /// which held `old` before.
+    fn relive(&mut self, subnet: Ipv4Network, old: Option<&Node>) {
+        if let Some(o) = old {
+            self.expiring.remove(&(o.expires_ms, subnet));
+        }
+        let key = record::subnet_key(subnet);
+        match self.nodes.get(&subnet).filter(|n| !n.record.left) {
+            Some(n) => {
+                if n.expires_ms != u64::MAX {
+                    self.expiring.insert((n.expires_ms, subnet));
+                }
+                // No copy of its piece when only the expiry moved.
+                self.live.insert(key, n.record.clone());
+            }
+            None => {
+                self.live.remove(&key);
+            }
+        }
+    }
+
+    /// Records that did not leave and whose lease has not expired at
+    /// `now_ms`, by subnet key. Costs what expired since the last call.
+    pub(crate) fn live_nodes(&mut self, now_ms: u64) -> NodeSet {
+        while let Some(&(at, subnet)) = self.expiring.first() {
+            if at > now_ms {
+                break;
+            }
+            self.expiring.pop_first();
+            self.live.remove(&record::subnet_key(subnet));
+        }
+        self.live.clone()
     }
 
     pub(crate) fn state(&self) -> State {
@@ -236,6 +290,58 @@ mod tests {
         only.set(slot(&objs[0]), Some(Value::Object(objs[0].clone())));
         assert_eq!(all, only);
         assert!(!all.retain(&keep), "nothing more to drop");
+    }
+
+    /// For random puts, renewals, leaves and deletes of records with
+    /// leases, and a clock that moves on: the live set kept with each
+    /// change holds exactly the records a filter of all of them at that
+    /// time gives, and a renewal that moves only the expiry changes none.
+    #[test]
+    fn live_nodes_follow_changes_and_expiry() {
+        let mut x: u64 = 0x853c_49e6_748f_ea9b;
+        let mut below = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut c = Cache::default();
+        let mut now = 1_000;
+        let mut seen = 0;
+        for step in 0..5000 {
+            let subnet: Ipv4Network = format!("10.244.{}.0/24", below(20)).parse().unwrap();
+            let record = NodeRecord {
+                node: format!("n{}", below(3)),
+                subnet,
+                underlay_ip: std::net::Ipv4Addr::new(192, 168, 0, below(3) as u8),
+                vtep_mac: record::Mac::for_vtep("n", 1),
+                left: below(10) == 0,
+            };
+            let expires_ms = [u64::MAX, now + below(50)][below(2) as usize];
+            let value = (below(5) != 0).then_some(Value::Node(Node { record, expires_ms }));
+            c.set(Slot::Node(subnet), value);
+            now += below(10);
+            let live = c.live_nodes(now);
+            let want: Vec<NodeRecord> = c
+                .nodes
+                .values()
+                .filter(|n| !n.record.left && n.expires_ms > now)
+                .map(|n| n.record.clone())
+                .collect();
+            assert_eq!(super::super::records_of(&live), want, "step {step}");
+            seen += want.len();
+            // The same record, a later expiry: nothing to tell anyone.
+            if let Some(n) = c.nodes.get(&subnet).cloned().filter(|n| n.expires_ms > now) {
+                let later = Node {
+                    expires_ms: n.expires_ms.saturating_add(100),
+                    ..n
+                };
+                let live = c.live_nodes(now);
+                c.set(Slot::Node(subnet), Some(Value::Node(later)));
+                assert!(live == c.live_nodes(now), "step {step}");
+            }
+        }
+        assert!(seen > 5000, "not vacuous: {seen}");
     }
 
     #[test]
