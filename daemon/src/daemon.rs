@@ -32,10 +32,10 @@ use crate::config::Settings;
 use crate::conflist::{self, ConflistParams};
 use crate::health::{self, Status};
 use crate::kernel::{self, KernelError, Underlay};
-use crate::overlay::{self, Local, Params};
+use crate::overlay::{Local, Overlay, Params};
 use crate::record::{Mac, NodeRecord};
 use crate::service::state::State;
-use crate::store::{ClusterState, Membership, Registration, Store, StoreError};
+use crate::store::{ClusterState, Membership, NodeSet, Registration, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -114,21 +114,24 @@ struct Pass {
 /// change is applied as the delta from it.
 #[derive(Clone)]
 struct Applied {
-    want: overlay::Desired,
+    overlay: Overlay,
+    /// The records `overlay` was last brought to.
+    nodes: NodeSet,
     rec: NodeRecord,
     underlay: Underlay,
     index: u32,
 }
 
 /// One pass of the overlay: VXLAN device, neighbours, FDB, routes. With
-/// `last` (and `full` false) only the delta from what it applied, without
-/// reading the kernel: a change of one peer costs that peer. Otherwise, or
-/// when the delta cannot be applied, a full reconcile against what the
-/// kernel holds (one dump per object kind), which also repairs drift.
+/// `last` (and `full` false) only the records that changed since it, and
+/// without reading the kernel: a change of one peer costs that peer.
+/// Otherwise, or when the steps cannot be applied, a full reconcile
+/// against what the kernel holds (one dump per object kind), which also
+/// repairs drift.
 async fn reconcile_overlay(
     s: &Settings,
     rec: &NodeRecord,
-    nodes: Arc<Vec<NodeRecord>>,
+    nodes: NodeSet,
     last: Option<Applied>,
     full: bool,
 ) -> Result<Pass, DaemonError> {
@@ -144,54 +147,65 @@ async fn reconcile_overlay(
             direct_routing: s.direct_routing,
             cluster: s.cluster_cidr,
         };
-        let local_of = |u: &Underlay| Local {
-            node: rec.node.clone(),
-            subnet: rec.subnet,
-            underlay_ip: u.ip,
-            underlay_index: u.index,
-            underlay_mtu: u.mtu,
-            underlay_nets: u.nets.clone(),
-            vtep_mac: rec.vtep_mac,
-        };
-        if let Some(last) = last.filter(|l| !full && l.rec == rec) {
-            let want = overlay::desired(&local_of(&last.underlay), &params, &nodes);
-            if let Some(acts) = overlay::delta(&last.want, &want) {
-                let u = last.underlay.index;
-                match kernel::apply(&mut nl, &acts, &params.device, last.index, u) {
-                    Ok(()) => {
-                        for a in &acts {
-                            tracing::info!(action = ?a, "overlay");
-                        }
-                        return Ok(Pass {
-                            changes: acts.len(),
-                            peers: want.peers.len(),
-                            mtu: want.device.mtu,
-                            underlay: last.underlay.clone(),
-                            full: false,
-                            applied: Applied { want, ..last },
-                        });
+        let all = || nodes.iter().map(|(k, r)| (k.clone(), &**r));
+        if let Some(mut last) = last.filter(|l| !full && l.rec == rec) {
+            let changed = nodes.changed_since(&last.nodes);
+            let (acts, rebuilt) = last.overlay.update(
+                changed
+                    .iter()
+                    .map(|k| (k.as_str(), nodes.get(k).map(|r| &**r))),
+                all,
+            );
+            if rebuilt {
+                tracing::debug!("records clash: the overlay was rebuilt from all of them");
+            }
+            let u = last.underlay.index;
+            match kernel::apply(&mut nl, &acts, &params.device, last.index, u) {
+                Ok(()) => {
+                    for a in &acts {
+                        tracing::info!(action = ?a, "overlay");
                     }
-                    // The kernel is not what we last left it as: look.
-                    Err(e) => tracing::info!("overlay delta: {e}; reconciling in full"),
+                    let want = last.overlay.desired();
+                    return Ok(Pass {
+                        changes: acts.len(),
+                        peers: want.peers(),
+                        mtu: want.device.mtu,
+                        underlay: last.underlay.clone(),
+                        full: false,
+                        applied: Applied { nodes, ..last },
+                    });
                 }
+                // The kernel is not what we last left it as: look.
+                Err(e) => tracing::info!("overlay delta: {e}; reconciling in full"),
             }
         }
         let underlay = kernel::resolve_underlay(&mut nl, &s.underlay)?;
-        let want = overlay::desired(&local_of(&underlay), &params, &nodes);
+        let local = Local {
+            node: rec.node.clone(),
+            subnet: rec.subnet,
+            underlay_ip: underlay.ip,
+            underlay_index: underlay.index,
+            underlay_mtu: underlay.mtu,
+            underlay_nets: underlay.nets.clone(),
+            vtep_mac: rec.vtep_mac,
+        };
+        let overlay = Overlay::new(&local, &params, all());
+        let want = overlay.desired();
         let (acts, index) =
-            kernel::reconcile(&mut nl, &want, underlay.index, s.cluster_cidr, rec.subnet)?;
+            kernel::reconcile(&mut nl, want, underlay.index, s.cluster_cidr, rec.subnet)?;
         for a in &acts {
             tracing::info!(action = ?a, "overlay");
         }
         let index = index.ok_or_else(|| KernelError::DeviceVanished(params.device.clone()))?;
         Ok(Pass {
             changes: acts.len(),
-            peers: want.peers.len(),
+            peers: want.peers(),
             mtu: want.device.mtu,
             underlay: underlay.clone(),
             full: true,
             applied: Applied {
-                want,
+                overlay,
+                nodes,
                 rec,
                 underlay,
                 index,
@@ -466,20 +480,21 @@ async fn register<S: Membership>(
 async fn cluster_source<S: ClusterState>(
     store: Arc<S>,
     every: Duration,
-    nodes: watch::Sender<Option<Arc<Vec<NodeRecord>>>>,
+    nodes: watch::Sender<Option<NodeSet>>,
     services: watch::Sender<Option<State>>,
     status: Arc<Status>,
 ) {
     let mut resync = ticker(every);
     let mut services_seen = None;
     loop {
-        match store.nodes().await {
+        match store.node_set().await {
             Ok(n) => {
+                // Cheap: pieces the two share are not compared.
                 nodes.send_if_modified(|cur| {
-                    if cur.as_deref() == Some(&n) {
+                    if cur.as_ref() == Some(&n) {
                         return false;
                     }
-                    *cur = Some(Arc::new(n));
+                    *cur = Some(n);
                     true
                 });
             }
@@ -531,7 +546,7 @@ async fn cluster_source<S: ClusterState>(
 /// failure) a full reconcile against the kernel, which repairs drift.
 async fn overlay_reconciler(
     s: Settings,
-    mut nodes: watch::Receiver<Option<Arc<Vec<NodeRecord>>>>,
+    mut nodes: watch::Receiver<Option<NodeSet>>,
     mut member: watch::Receiver<Member>,
     reregister: mpsc::Sender<Ipv4Addr>,
     gates: watch::Sender<Gates>,
