@@ -126,10 +126,10 @@ pub fn desired(local: &Local, p: &Params, nodes: &[NodeRecord]) -> Desired {
 /// the walk and the comparison after it were most of a change's cost).
 ///
 /// A change is its own only while no two records clash: then every usable
-/// record is a peer whatever the order. A change that would make a clash,
-/// and any change while one exists, is refused ([`Overlay::update`]); the
-/// caller rebuilds from every record, since which of two clashing records
-/// wins depends on all of them.
+/// record is a peer whatever the order. On a change that would make a
+/// clash, and on any change while one exists, [`Overlay::update`] rebuilds
+/// from every record, since which of two clashing records wins depends on
+/// all of them.
 #[derive(Debug, Clone)]
 pub struct Overlay {
     local: Local,
