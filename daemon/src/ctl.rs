@@ -384,7 +384,7 @@ pub async fn run(
     match spec {
         StoreSpec::File(dir) => exec(&FileStore::open_client(&dir)?, job, out, err).await,
         StoreSpec::Etcd(urls) => {
-            let store = EtcdStore::open(&urls, &access, &cli.etcd_prefix).await?;
+            let store = EtcdStore::open_client(&urls, &access, &cli.etcd_prefix).await?;
             exec(&store, job, out, err).await
         }
         // The API server allocates and validates Services itself, and

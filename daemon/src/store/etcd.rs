@@ -68,6 +68,9 @@ pub struct EtcdStore {
     /// `<prefix>/subnets/`.
     prefix: String,
     shared: Arc<Shared>,
+    /// Whether `shared` is kept by a watch ([`EtcdStore::open`]); if not
+    /// ([`EtcdStore::open_client`]), reads go to etcd.
+    watched: bool,
     own: Mutex<Option<Own>>,
 }
 
@@ -111,11 +114,33 @@ struct Kv {
 
 impl EtcdStore {
     /// Connects (TLS and login as `access` says) and checks that etcd
-    /// answers; starts the watch.
+    /// answers; lists ferry's keys into memory and starts the watch that
+    /// keeps them (what ferryd reads).
     pub async fn open(
         endpoints: &[String],
         access: &EtcdAccess,
         prefix: &str,
+    ) -> StoreResult<EtcdStore> {
+        Self::connect(endpoints, access, prefix, true).await
+    }
+
+    /// [`EtcdStore::open`] for a client that reads or writes once and exits
+    /// (`ferryctl`): no listing into memory, no watch; reads go to etcd.
+    /// At 10k Services the listing was a second full read of them per
+    /// command.
+    pub async fn open_client(
+        endpoints: &[String],
+        access: &EtcdAccess,
+        prefix: &str,
+    ) -> StoreResult<EtcdStore> {
+        Self::connect(endpoints, access, prefix, false).await
+    }
+
+    async fn connect(
+        endpoints: &[String],
+        access: &EtcdAccess,
+        prefix: &str,
+        watched: bool,
     ) -> StoreResult<EtcdStore> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
@@ -132,20 +157,27 @@ impl EtcdStore {
             #[cfg(test)]
             hold: tokio::sync::watch::channel(Hold::Run).0,
         });
-        let watch = Watch {
-            conn: conn.clone(),
-            root: root.clone(),
-            shared: shared.clone(),
-        };
-        // Connecting is lazy: this first listing is also what makes an
+        // Connecting is lazy: this first read is also what makes an
         // unreachable etcd (or a user without permission) an error now.
-        let rev = watch.relist().await?;
-        tokio::spawn(watch.run(rev + 1));
+        if watched {
+            let watch = Watch {
+                conn: conn.clone(),
+                root: root.clone(),
+                shared: shared.clone(),
+            };
+            let rev = watch.relist().await?;
+            tokio::spawn(watch.run(rev + 1));
+        } else {
+            let mut c = conn.client();
+            let opts = GetOptions::new().with_prefix().with_count_only();
+            conn.timed("read", c.get(root.clone(), Some(opts))).await?;
+        }
         Ok(EtcdStore {
             conn,
             prefix: format!("{root}subnets/"),
             root,
             shared,
+            watched,
             own: Mutex::new(None),
         })
     }
@@ -159,6 +191,9 @@ impl EtcdStore {
     }
 
     async fn caught_up_to(&self, rev: i64) {
+        if !self.watched {
+            return;
+        }
         let mut rx = self.shared.seen.subscribe();
         if tokio::time::timeout(OP_TIMEOUT, rx.wait_for(|r| *r >= rev))
             .await
@@ -884,6 +919,10 @@ impl ClusterState for EtcdStore {
     }
 
     async fn node_set(&self) -> StoreResult<super::NodeSet> {
+        if !self.watched {
+            let live = self.list().await?.into_iter().map(|kv| kv.record);
+            return Ok(super::node_set_of(live.filter(|r| !r.left)));
+        }
         let mut cache = self.shared.cache.lock().expect("not poisoned");
         Ok(cache.live_nodes(0))
     }
@@ -893,6 +932,9 @@ impl ClusterState for EtcdStore {
     }
 
     async fn state(&self) -> StoreResult<State> {
+        if !self.watched {
+            return Ok(State::of(&self.services().await?));
+        }
         Ok(self.shared.cache.lock().expect("not poisoned").state())
     }
 
@@ -901,7 +943,8 @@ impl ClusterState for EtcdStore {
     }
 
     fn services_version(&self) -> Option<u64> {
-        Some(self.shared.cache.lock().expect("not poisoned").version())
+        self.watched
+            .then(|| self.shared.cache.lock().expect("not poisoned").version())
     }
 }
 
@@ -1045,6 +1088,14 @@ mod tests {
             }
         }
 
+        async fn open_client(&self) -> EtcdStore {
+            let url = std::slice::from_ref(&self.url);
+            match EtcdStore::open_client(url, &EtcdAccess::default(), "/ferry-test").await {
+                Ok(s) => s,
+                Err(e) => panic!("{e}\n{}", self.log()),
+            }
+        }
+
         fn log(&self) -> String {
             std::fs::read_to_string(self.dir.0.join("etcd.log")).unwrap_or_default()
         }
@@ -1176,6 +1227,31 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"serviceCIDR": "10.96.0.0/29", "nodePortRange": "30000-30002"})
+        );
+    }
+
+    /// ferryctl's store reads etcd itself: the same answers with no
+    /// listing into memory and no watch (a write does not wait for one).
+    #[tokio::test]
+    async fn client_store_reads_etcd_itself() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let cli = etcd.open_client().await;
+        testing::round_trip(&cli).await;
+        assert_eq!(cli.shared.relists.load(Ordering::Relaxed), 0);
+        assert_eq!(cli.services_version(), None);
+        let node = etcd.open().await;
+        let a = registered(&node).await;
+        assert_eq!(cli.nodes().await.unwrap(), vec![a.record]);
+        assert_eq!(cli.state().await.unwrap(), node.state().await.unwrap());
+        // An etcd that is not there is an error at once.
+        let port = free_port().local_addr().unwrap().port();
+        let gone = [format!("http://127.0.0.1:{port}")];
+        assert!(
+            EtcdStore::open_client(&gone, &EtcdAccess::default(), "/ferry-test")
+                .await
+                .is_err()
         );
     }
 
