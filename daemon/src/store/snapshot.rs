@@ -293,7 +293,7 @@ mod tests {
     }
 
     /// For random puts, renewals, leaves and deletes of records with
-    /// leases, and a clock that moves on: the live set kept with each
+    /// leases, relists and rescans, and a clock that moves on: the live set kept with each
     /// change holds exactly the records a filter of all of them at that
     /// time gives, and a renewal that moves only the expiry changes none.
     #[test]
@@ -320,6 +320,20 @@ mod tests {
             let expires_ms = [u64::MAX, now + below(50)][below(2) as usize];
             let value = (below(5) != 0).then_some(Value::Node(Node { record, expires_ms }));
             c.set(Slot::Node(subnet), value);
+            // Now and then a relist (some records gone) or a rescan.
+            if step % 97 == 0 {
+                let mut fresh = Cache::default();
+                for (s, n) in c.nodes.clone() {
+                    if below(3) != 0 {
+                        fresh.set(Slot::Node(s), Some(Value::Node(n)));
+                    }
+                }
+                c.replace(fresh);
+            } else if step % 89 == 0 {
+                let keep = c.nodes.keys().filter(|_| below(3) != 0);
+                let keep = keep.map(|s| Slot::Node(*s)).collect();
+                c.retain(&keep);
+            }
             now += below(10);
             let live = c.live_nodes(now);
             let want: Vec<NodeRecord> = c
