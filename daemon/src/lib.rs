@@ -15,6 +15,7 @@ pub mod health;
 pub mod kernel;
 pub mod masq;
 pub mod overlay;
+pub mod parallel;
 pub mod record;
 pub mod service;
 pub mod store;

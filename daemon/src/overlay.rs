@@ -838,13 +838,8 @@ mod tests {
     /// state brings a kernel holding that state to exactly the new one.
     #[test]
     fn delta_reaches_what_a_full_diff_reaches() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut below = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::store::testing::Rng(0x9e37_79b9_7f4a_7c15);
+        let mut below = |n: u64| rng.below(n as usize) as u64;
         for direct in [false, true] {
             let mut nodes = cluster();
             let mut kernel = observed_of(&desired(&local(), &params(direct), &nodes));
@@ -884,13 +879,8 @@ mod tests {
     /// rebuilt on a clash) are taken.
     #[test]
     fn update_equals_a_rebuild_from_every_record() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut below = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::store::testing::Rng(0x2545_f491_4f6c_dd1d);
+        let mut below = |n: u64| rng.below(n as usize) as u64;
         // (direct routing, subnets, names): clashes all the time; mostly
         // none; VTEP MACs clashing now and then.
         for (direct, subnets, names) in [

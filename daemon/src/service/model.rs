@@ -170,25 +170,14 @@ fn parse_in(text: &str, piece: usize) -> Result<Vec<Object>, ModelError> {
     // (7 MB) was most of an apply's user time. An error anywhere is found
     // again in the whole text, so that its message (document number,
     // line) is the one the whole text gives.
-    let per = pieces.len().div_ceil(threads);
-    let parsed: Vec<Result<Vec<Object>, ModelError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = pieces
-            .chunks(per)
-            .map(|run| {
-                s.spawn(move || {
-                    let mut out = Vec::new();
-                    for p in run {
-                        out.extend(parse_whole(p)?);
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    });
+    let parsed: Vec<Result<Vec<Object>, ModelError>> =
+        crate::parallel::map_runs(&pieces, threads, |run| {
+            let mut out = Vec::new();
+            for p in run {
+                out.extend(parse_whole(p)?);
+            }
+            Ok(out)
+        });
     let mut out = Vec::new();
     for p in parsed {
         match p {

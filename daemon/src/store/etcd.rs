@@ -1015,7 +1015,9 @@ impl ServiceWrites for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::{self, cluster_ip, objs, reg, said, skip, small, svc, TempDir};
+    use crate::store::testing::{
+        self, cluster_ip, objs, reg, said, skip, small, svc, Rng, TempDir,
+    };
     use etcd_client::Client;
     use std::net::{TcpListener, TcpStream};
     use std::process::{Child, Command, Stdio};
@@ -1373,18 +1375,6 @@ mod tests {
             other.delete(&[slice]).await.unwrap();
         })
         .await;
-    }
-
-    /// A small xorshift generator: the same sequence on every run.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n as u64) as usize
-        }
     }
 
     /// A value for `key`: readable or not, and one of a few versions.

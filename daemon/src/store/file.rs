@@ -56,6 +56,7 @@ use super::{
     decode, decode_ranges, encode, encode_ranges, plan_apply_with, ranges_to_publish, Applied,
     ClusterState, Membership, Registration, ServiceWrites, StoreError, StoreResult, WarnOnce,
 };
+use crate::parallel::{map_runs, runs};
 use crate::record::{self, Allocation, NodeRecord, Reservation};
 use crate::service::alloc::{Ranges, Taken};
 use crate::service::model::{Kind, Object, ObjectRef, DEFAULT_NAMESPACE};
@@ -400,11 +401,6 @@ fn workers(n: usize) -> usize {
     std::thread::available_parallelism().map_or(1, |c| c.get().min(4))
 }
 
-/// `items` in `k` runs of (nearly) equal length, in order.
-fn runs<T>(items: &[T], k: usize) -> impl Iterator<Item = &[T]> {
-    items.chunks(items.len().div_ceil(k.max(1)).max(1))
-}
-
 /// Writes each file to a temporary next to it (synced with `sync_each`):
 /// (temporary, target) in the order given. On an error, every temporary
 /// made is removed and the file that failed is named.
@@ -436,16 +432,7 @@ fn stage_all(
         }
         (staged, None)
     };
-    let parts: Vec<_> = match workers(files.len()) {
-        1 => vec![stage(&files)],
-        k => std::thread::scope(|s| {
-            let handles: Vec<_> = runs(&files, k).map(|p| s.spawn(|| stage(p))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        }),
-    };
+    let parts = map_runs(&files, workers(files.len()), stage);
     let mut staged = Vec::with_capacity(files.len());
     let mut error = None;
     for (part, e) in parts {
@@ -490,16 +477,7 @@ fn rename_all(staged: &[(PathBuf, PathBuf)]) -> Result<(), (usize, PathBuf, std:
             (part.len(), None)
         };
         let k = workers(group.len());
-        let parts: Vec<_> = match k {
-            1 => vec![rename(group)],
-            k => std::thread::scope(|s| {
-                let handles: Vec<_> = runs(group, k).map(|p| s.spawn(|| rename(p))).collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect()
-            }),
-        };
+        let parts = map_runs(group, k, rename);
         let mut error = None;
         for (part, (renamed, e)) in runs(group, k).zip(parts) {
             // A part stops short only once another failed.
@@ -1130,19 +1108,11 @@ impl Inner {
                 .map(|o| (self.object_path(&o.reference()), encode(o, true)))
                 .collect()
         };
-        let mut files: Vec<(PathBuf, Vec<u8>)> = match workers(writes.len()) {
-            1 => encode_all(&writes),
-            k => std::thread::scope(|s| {
-                let encode_all = &encode_all;
-                let handles: Vec<_> = runs(&writes, k)
-                    .map(|p| s.spawn(move || encode_all(p)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect()
-            }),
-        };
+        let mut files: Vec<(PathBuf, Vec<u8>)> =
+            map_runs(&writes, workers(writes.len()), encode_all)
+                .into_iter()
+                .flatten()
+                .collect();
         if stored.is_none() && !files.is_empty() {
             files.push((self.ranges_path(), encode_ranges(&ranges)));
         }
@@ -1741,13 +1711,8 @@ mod tests {
     fn file_events_give_the_rescanned_state() {
         let d = TempDir::new("fs-events");
         let s = FileStore::open(&d.0).unwrap();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut below = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::store::testing::Rng(0x2545_f491_4f6c_dd1d);
+        let mut below = |n: u64| rng.below(n as usize) as u64;
         let svc_dir = d.0.join("services");
         let before = s.inner.rescans.load(Ordering::Relaxed);
         for step in 0..600 {

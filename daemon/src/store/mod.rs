@@ -497,6 +497,20 @@ pub(crate) mod testing {
         }
     }
 
+    /// A small xorshift generator for randomised tests: the same sequence
+    /// on every run.
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        /// The next number below `n`.
+        pub fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
     /// The running test cannot run here because of `why`: prints
     /// "skipped: <test>: <why>", or panics when FERRY_REQUIRE_ALL is set (as the
     /// end-to-end tests do), so that a skip never reads as a pass in CI.

@@ -298,13 +298,8 @@ mod tests {
     /// time gives, and a renewal that moves only the expiry changes none.
     #[test]
     fn live_nodes_follow_changes_and_expiry() {
-        let mut x: u64 = 0x853c_49e6_748f_ea9b;
-        let mut below = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::store::testing::Rng(0x853c_49e6_748f_ea9b);
+        let mut below = |n: u64| rng.below(n as usize) as u64;
         let mut c = Cache::default();
         let mut now = 1_000;
         let mut seen = 0;
