@@ -1,10 +1,12 @@
 //! Times the Services datapath alone, without a store or traffic: N
 //! Services × E endpoints rendered and synced into the calling network
 //! namespace, then one endpoint change, then a full resync that finds
-//! nothing to do. Run it inside a namespace you made:
+//! nothing to do. With a third argument S, the N Services are loaded in S
+//! growing steps first (what ferryd does while an apply's files arrive),
+//! each step's sync timed. Run it inside a namespace you made:
 //!
 //! ```sh
-//! ip netns add dp; ip netns exec dp target/release/examples/datapath_load 10000 5; ip netns del dp
+//! ip netns add dp; ip netns exec dp target/release/examples/datapath_load 10000 5 [S]; ip netns del dp
 //! ```
 
 use std::net::Ipv4Addr;
@@ -66,7 +68,23 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let e: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let steps: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1).max(1);
     let mut dp = Datapath::open().expect("nfnetlink");
+    if steps > 1 {
+        let mut total = 0.0;
+        for k in 1..steps {
+            let s = dp
+                .sync(&render(&plan(n * k / steps, e, 0)), false)
+                .expect("step");
+            let ms = s.took.as_secs_f64() * 1e3;
+            total += ms;
+            println!(
+                "step {k}/{steps}: {} Services, sync {ms:.1} ms",
+                n * k / steps
+            );
+        }
+        println!("steps before the last: {total:.1} ms in all");
+    }
     let t = Instant::now();
     let rs = render(&plan(n, e, 0));
     let render_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -54,7 +54,7 @@ pub const TABLE: &str = "ferry-svc";
 pub const MASQ_MARK: u32 = 0x4000;
 /// The tag of the skeleton's rules: another tag (an older ferryd's layout)
 /// means the table is rebuilt.
-const SKELETON_TAG: &[u8] = b"ferry-svc skeleton v1";
+const SKELETON_TAG: &[u8] = b"ferry-svc skeleton v2";
 /// Elements per message: the element list is one netlink attribute, whose
 /// length field has 16 bits.
 const ELEMS_PER_MSG: usize = 256;

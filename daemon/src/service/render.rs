@@ -42,8 +42,10 @@ pub enum MapName {
     /// [`ENDPOINT_SHARDS`] maps by chain key. Not one map for all: the
     /// kernel checks every element added to a data map against every rule
     /// that binds the map (10k chains binding one map made a full load
-    /// take seconds); not one per chain: it finds sets by name with a walk
-    /// over all of the table's sets.
+    /// take seconds), and walks the whole map each time a new chain's rule
+    /// binds it (64 maps of ~800 elements at 10k Services made the kernel
+    /// half of an incremental sync); not one per chain: it finds sets by
+    /// name with a walk over all of the table's sets.
     Endpoints(u8),
     /// `chain key . endpoint`: the current endpoints of chains with
     /// affinity (a pinned endpoint that is gone does not count).
@@ -64,7 +66,7 @@ impl MapName {
             MapName::ChainEndpoints,
         ]
         .into_iter()
-        .chain((0..ENDPOINT_SHARDS).map(MapName::Endpoints))
+        .chain((0..ENDPOINT_SHARDS).map(|i| MapName::Endpoints(i as u8)))
     }
 
     /// The shard of `endpoints` that holds a chain's endpoints.
@@ -105,7 +107,7 @@ pub const SVC_PREFIX: &str = "svc-";
 pub const EXT_PREFIX: &str = "ext-";
 pub const AFFINITY_PREFIX: &str = "aff-";
 /// How many maps the endpoints are spread over ([`MapName::Endpoints`]).
-pub const ENDPOINT_SHARDS: u8 = 64;
+pub const ENDPOINT_SHARDS: u16 = 256;
 
 static SHARD_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     (0..ENDPOINT_SHARDS)
