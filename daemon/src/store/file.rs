@@ -3,12 +3,22 @@
 //! ```text
 //! DIR/.lock                      flock(2)ed around every read-modify-write
 //! DIR/subnets/10.244.1.0-24.json {"record": {...}, "expiresMs": 1763780000000}
-//! DIR/services/NS/NAME.json      a v1 Service, the API's JSON
-//! DIR/endpointslices/NS/NAME.json  a discovery.k8s.io/v1 EndpointSlice
+//! DIR/services/NS/_3f.json       a v1 List of the Services of NS whose names fall in bucket 3f
+//! DIR/endpointslices/NS/_a0.json   the same for EndpointSlices
 //! DIR/ranges.json                {"serviceCIDR": "10.96.0.0/12", "nodePortRange": "30000-32767"}
 //! DIR/allocations                ip 10.96.0.10 NS/NAME, port 30080 NS/NAME (a line each)
 //! DIR/.allocations-stamp         {"index": <hash of allocations>, "dirs": [...]}
 //! ```
+//! Services and slices are kept in buckets, 256 per namespace and kind,
+//! by a hash of the name ([`bucket_file`]): each a `v1 List` of the API's
+//! JSON, one object per line, in name order (`ferryctl apply -f` takes one
+//! back). Not a file per object: creating 20k files was most of the time
+//! `ferryctl apply` took for 10k Services, and on a filesystem without a
+//! journal each new inode costs a scan past every one deleted recently.
+//! A file per object, `NS/NAME.json` (how ferry stored them before, or
+//! written by hand), is still read; its object's bucket wins over it, and a
+//! write or delete of the object removes it.
+//!
 //! `allocations` is an index of what the Services hold, kept by
 //! every apply and delete under the lock, so that an apply allocates
 //! without reading every Service. It counts only while its stamp matches:
@@ -37,7 +47,8 @@
 //! Temporaries left by a crash are removed by the next writer (under the
 //! lock no other writer can be staging).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -49,17 +60,19 @@ use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Service;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use super::snapshot::{self, Cache, Slot, Value};
 use super::{
-    decode, decode_ranges, encode, encode_ranges, plan_apply_with, ranges_to_publish, Applied,
-    ClusterState, Membership, Registration, ServiceWrites, StoreError, StoreResult, WarnOnce,
+    checked, decode, decode_ranges, encode_ranges, encode_raw, parse_object, plan_apply_with,
+    ranges_to_publish, Applied, ClusterState, Membership, Registration, ServiceWrites, StoreError,
+    StoreResult, WarnOnce,
 };
 use crate::parallel::{map_runs, runs};
 use crate::record::{self, Allocation, NodeRecord, Reservation};
 use crate::service::alloc::{Ranges, Taken};
-use crate::service::model::{Kind, Object, ObjectRef, DEFAULT_NAMESPACE};
+use crate::service::model::{Kind, Object, ObjectRef};
 use crate::service::state::State;
 use crate::service::Snapshot;
 
@@ -112,6 +125,106 @@ fn decode_index(data: &[u8]) -> Option<Taken> {
     })
 }
 
+/// Buckets per namespace and kind.
+const BUCKETS: u64 = 256;
+
+/// The file of the bucket that holds the objects named `name`: `_HH.json`.
+/// No Kubernetes name has an underscore, so a bucket is never taken for
+/// the file of one object.
+fn bucket_file(name: &str) -> String {
+    format!("_{:02x}.json", nft::fnv1a64(name.as_bytes()) % BUCKETS)
+}
+
+fn is_bucket(file: &str) -> bool {
+    let hex = |c: u8| matches!(c, b'0'..=b'9' | b'a'..=b'f');
+    let b = file.as_bytes();
+    b.len() == 8 && b[0] == b'_' && hex(b[1]) && hex(b[2]) && &b[3..] == b".json"
+}
+
+/// The items of a bucket file, which must be a `v1 List`.
+fn bucket_items(data: &[u8]) -> Result<Vec<&RawValue>, String> {
+    #[derive(Deserialize)]
+    struct List<'a> {
+        kind: String,
+        #[serde(borrow)]
+        items: Vec<&'a RawValue>,
+    }
+    let list: List = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+    if list.kind != "List" {
+        return Err(format!("kind {}, not List", list.kind));
+    }
+    Ok(list.items)
+}
+
+/// A bucket file of `items`, one a line.
+fn encode_bucket<'a>(items: impl IntoIterator<Item = &'a RawValue>) -> Vec<u8> {
+    let mut out = br#"{"apiVersion":"v1","kind":"List","items":["#.to_vec();
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'\n');
+        out.extend_from_slice(item.get().as_bytes());
+    }
+    out.extend_from_slice(b"\n]}\n");
+    out
+}
+
+/// The name an item of a bucket carries.
+fn item_name(item: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Meta {
+        name: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Item {
+        metadata: Option<Meta>,
+    }
+    serde_json::from_str::<Item>(item.get())
+        .ok()?
+        .metadata?
+        .name
+}
+
+/// An object of the bucket `file` of `namespace`, checked as the object of
+/// a file is ([`decode`]) and in the bucket its name gives.
+fn decode_item(kind: Kind, namespace: &str, file: &str, item: &RawValue) -> Result<Object, String> {
+    let obj = parse_object(kind, item.get().as_bytes())?;
+    let name = obj.reference().name;
+    let home = bucket_file(&name);
+    if home != file {
+        return Err(format!("{} {name} belongs in {home}", kind.singular()));
+    }
+    checked(obj, kind, namespace, &name)
+}
+
+/// A bucket as a writer reads it: every item, by the name it carries.
+type Items = BTreeMap<String, Box<RawValue>>;
+
+/// What a writer reads of the store for the objects it writes or deletes.
+#[derive(Default)]
+struct Stored {
+    /// Their stored versions (those that exist and are readable).
+    snap: Snapshot,
+    /// Every item of the buckets they fall in (empty: no such file yet).
+    buckets: BTreeMap<PathBuf, Items>,
+    /// Files of one object among them.
+    loose: BTreeSet<PathBuf>,
+}
+
+/// What a file under the store holds.
+#[derive(Debug, PartialEq)]
+enum FileKind {
+    /// A node's record.
+    Record(Slot),
+    /// One object (how ferry stored them before buckets, or by hand).
+    Loose(Slot),
+    Bucket {
+        kind: Kind,
+        namespace: String,
+    },
+}
+
 /// What makes `allocations` count (module doc).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct Stamp {
@@ -149,8 +262,9 @@ struct Inner {
     cache: Mutex<Cache>,
     /// Held by a full rescan and by each batch of per-file reads: a file
     /// read for an event is read after a rescan that may have read it
-    /// before its change, never overwritten by it.
-    scan: Mutex<()>,
+    /// before its change, never overwritten by it. Holds what each bucket
+    /// held when last read, so that a read of it again knows what left.
+    scan: Mutex<HashMap<PathBuf, BTreeSet<Slot>>>,
     /// Full rescans since open (the first one included).
     rescans: AtomicU64,
     /// Watched and held in memory (ferryd); otherwise every read goes to
@@ -211,7 +325,7 @@ impl FileStore {
             own: Mutex::new(None),
             warned: WarnOnce::default(),
             cache: Mutex::default(),
-            scan: Mutex::new(()),
+            scan: Mutex::default(),
             rescans: AtomicU64::new(0),
             watched: watch,
             #[cfg(test)]
@@ -236,7 +350,8 @@ enum Dir {
 }
 
 /// The thread that reads inotify's events and, per file they name, reads
-/// that file again into the snapshot; wakes `notify` on every change.
+/// that file again into the snapshot (a bucket: each object it holds or
+/// held); wakes `notify` on every change.
 /// inotify is not recursive: a namespace directory that appears gets its
 /// own watch, then is read, so that files renamed into it before the watch
 /// are read and every one after is reported.
@@ -342,16 +457,10 @@ impl Reader {
                     }
                     Dir::Root(_) => {}
                     Dir::Subnets => {
-                        touched.extend(
-                            name.strip_suffix(".json")
-                                .and_then(|k| Slot::of(&format!("subnets/{k}"))),
-                        );
+                        touched.insert(self.inner.subnets.join(name));
                     }
                     Dir::Namespace(kind, ns) => {
-                        touched.extend(
-                            name.strip_suffix(".json")
-                                .and_then(|n| Slot::of(&format!("{}/{ns}/{n}", kind.plural()))),
-                        );
+                        touched.insert(self.inner.dir.join(kind.plural()).join(ns).join(name));
                     }
                 }
             }
@@ -366,27 +475,22 @@ impl Reader {
         }
     }
 
-    fn namespace_appeared(&mut self, kind: Kind, ns: &str, touched: &mut BTreeSet<Slot>) {
+    fn namespace_appeared(&mut self, kind: Kind, ns: &str, touched: &mut BTreeSet<PathBuf>) {
         let path = self.inner.dir.join(kind.plural()).join(ns);
         // Gone again already: nothing to watch or read.
         let Ok(wd) = self.ino.add_watch(&path, CHANGES) else {
             return;
         };
         self.dirs.insert(wd, Dir::Namespace(kind, ns.to_string()));
-        for f in fs::read_dir(&path).into_iter().flatten().flatten() {
-            let fname = f.file_name();
-            let slot = fname
-                .to_str()
-                .and_then(|f| f.strip_suffix(".json"))
-                .and_then(|n| Slot::of(&format!("{}/{ns}/{n}", kind.plural())));
-            touched.extend(slot);
-        }
+        touched.extend(
+            fs::read_dir(&path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|f| f.path()),
+        );
     }
 }
-
-/// From this many objects of one namespace an apply lists the directory
-/// instead of trying each file ([`Inner::read_given`]).
-const LIST_FROM: usize = 64;
 
 /// Below this many files an apply stages and renames them on one thread.
 const PARALLEL_FROM: usize = 512;
@@ -572,7 +676,7 @@ impl Inner {
             let _ = fs::remove_file(&tmp);
             return Err(self.err(format!("cannot write {}", path.display()), e));
         }
-        self.refresh([Slot::Node(entry.record.subnet)]);
+        self.refresh([path]);
         Ok(())
     }
 
@@ -686,10 +790,9 @@ impl Inner {
         }
     }
 
-    /// What the file of `slot` holds now, as the snapshot keeps it: `None`
-    /// when it is gone or unreadable (logged once per version of the file:
-    /// its mtime and size, so a fixed file that breaks again is logged
-    /// again).
+    /// What the file of `slot` (its own: a record's, or an object's file of
+    /// one object) holds now, as the snapshot keeps it: `None` when it is
+    /// gone or unreadable.
     fn read_slot(&self, slot: &Slot) -> Option<Value> {
         let path = self.file_of(slot);
         let data = fs::read(&path).ok()?;
@@ -708,39 +811,145 @@ impl Inner {
                 name,
             } => decode(*kind, namespace, name, &data).map(Value::Object),
         };
-        match res {
-            Ok(v) => Some(v),
-            Err(msg) => {
-                let version = fs::metadata(&path)
-                    .ok()
-                    .map(|m| (m.modified().ok(), m.len()));
-                if self.warned.first(format!("{}@{version:?}", path.display())) {
-                    tracing::warn!(file = %path.display(), "ignoring unreadable record: {msg}");
+        res.map_err(|msg| self.unreadable(&path, &msg)).ok()
+    }
+
+    /// Logs that `path` holds something unreadable, once per version of the
+    /// file (its mtime and size: a fixed file that breaks again is logged
+    /// again).
+    fn unreadable(&self, path: &Path, msg: &str) {
+        let version = fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()));
+        if self.warned.first(format!("{}@{version:?}", path.display())) {
+            tracing::warn!(file = %path.display(), "ignoring unreadable record: {msg}");
+        }
+    }
+
+    /// The objects of the bucket at `path`, of `kind` in `namespace`; what
+    /// is unreadable in it is logged and left out.
+    fn read_bucket(&self, kind: Kind, namespace: &str, path: &Path) -> Vec<Object> {
+        let Ok(data) = fs::read(path) else {
+            return Vec::new();
+        };
+        let file = path.file_name().and_then(|f| f.to_str()).unwrap_or("");
+        let mut objects = Vec::new();
+        let mut bad = Vec::new();
+        match bucket_items(&data) {
+            Ok(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    match decode_item(kind, namespace, file, item) {
+                        Ok(o) => objects.push(o),
+                        Err(msg) => bad.push(format!("item {i}: {msg}")),
+                    }
                 }
-                None
+            }
+            Err(msg) => bad.push(format!("not a v1 List: {msg}")),
+        }
+        if !bad.is_empty() {
+            self.unreadable(path, &bad.join("; "));
+        }
+        objects
+    }
+
+    /// The bucket of an object's slot.
+    fn bucket_of(&self, kind: Kind, namespace: &str, name: &str) -> PathBuf {
+        self.dir
+            .join(kind.plural())
+            .join(namespace)
+            .join(bucket_file(name))
+    }
+
+    /// What the file at `path` holds now, slot by slot; `held`: what each
+    /// bucket held when last read, kept here. A bucket gives each object it
+    /// holds and, for each it no longer holds, that object's file of one
+    /// object (if any); such a file counts only while its bucket does not
+    /// hold the object.
+    fn read_file(
+        &self,
+        path: &Path,
+        held: &mut HashMap<PathBuf, BTreeSet<Slot>>,
+    ) -> Vec<(Slot, Option<Value>)> {
+        match self.file_kind(path) {
+            None => Vec::new(),
+            Some(FileKind::Record(slot)) => vec![(slot.clone(), self.read_slot(&slot))],
+            Some(FileKind::Loose(slot)) => {
+                let Slot::Object {
+                    kind,
+                    namespace,
+                    name,
+                } = &slot
+                else {
+                    return Vec::new();
+                };
+                let bucket = self.bucket_of(*kind, namespace, name);
+                if held.get(&bucket).is_some_and(|h| h.contains(&slot)) {
+                    return Vec::new();
+                }
+                vec![(slot.clone(), self.read_slot(&slot))]
+            }
+            Some(FileKind::Bucket { kind, namespace }) => {
+                let mut now = BTreeSet::new();
+                let mut out = Vec::new();
+                for o in self.read_bucket(kind, &namespace, path) {
+                    let slot = Slot::Object {
+                        kind,
+                        namespace: namespace.clone(),
+                        name: o.reference().name,
+                    };
+                    now.insert(slot.clone());
+                    out.push((slot, Some(Value::Object(o))));
+                }
+                for slot in held.remove(path).unwrap_or_default().difference(&now) {
+                    out.push((slot.clone(), self.read_slot(slot)));
+                }
+                if !now.is_empty() {
+                    held.insert(path.to_path_buf(), now);
+                }
+                out
             }
         }
     }
 
-    /// Reads the files of `slots` again into the snapshot; true if that
+    /// Reads the files at `paths` again into the snapshot; true if that
     /// changed it.
-    fn refresh(&self, slots: impl IntoIterator<Item = Slot>) -> bool {
+    fn refresh(&self, paths: impl IntoIterator<Item = PathBuf>) -> bool {
         if !self.watched {
             return false;
         }
-        let _scan = self.scan.lock().expect("not poisoned");
+        let mut held = self.scan.lock().expect("not poisoned");
         let mut changed = false;
-        for slot in slots {
-            let v = self.read_slot(&slot);
-            changed |= self.cache.lock().expect("not poisoned").set(slot, v);
+        for path in paths {
+            for (slot, v) in self.read_file(&path, &mut held) {
+                changed |= self.cache.lock().expect("not poisoned").set(slot, v);
+            }
         }
         changed
     }
 
-    /// The slot of a file under the store, if it holds one.
-    fn slot_of(&self, path: &Path) -> Option<Slot> {
+    /// What the file at `path` under the store is, if it may hold records.
+    fn file_kind(&self, path: &Path) -> Option<FileKind> {
         let rel = path.strip_prefix(&self.dir).ok()?.to_str()?;
-        Slot::of(rel.strip_suffix(".json")?)
+        let (dir, file) = rel.rsplit_once('/')?;
+        if file.starts_with(TMP_PREFIX) {
+            return None;
+        }
+        if is_bucket(file) {
+            let (kind, namespace) = dir.split_once('/')?;
+            let kind = KINDS.into_iter().find(|k| k.plural() == kind)?;
+            if namespace.is_empty() || namespace.contains('/') {
+                return None;
+            }
+            return Some(FileKind::Bucket {
+                kind,
+                namespace: namespace.to_string(),
+            });
+        }
+        let slot = Slot::of(rel.strip_suffix(".json")?)?;
+        Some(match slot {
+            Slot::Node(_) => FileKind::Record(slot),
+            Slot::Object { .. } => FileKind::Loose(slot),
+        })
     }
 
     /// Reads everything into a fresh snapshot and takes it; true if that
@@ -751,46 +960,49 @@ impl Inner {
     /// Services on every reconcile interval, and kept ferryd's heap that
     /// large.
     fn rescan(&self) -> bool {
-        let _scan = self.scan.lock().expect("not poisoned");
-        let slots = self.slots();
+        let mut held = self.scan.lock().expect("not poisoned");
+        held.clear();
+        let mut seen = BTreeSet::new();
         let mut changed = false;
-        for slot in &slots {
-            let v = self.read_slot(slot);
-            changed |= self
-                .cache
-                .lock()
-                .expect("not poisoned")
-                .set(slot.clone(), v);
+        for path in self.files() {
+            for (slot, v) in self.read_file(&path, &mut held) {
+                seen.insert(slot.clone());
+                changed |= self.cache.lock().expect("not poisoned").set(slot, v);
+            }
         }
-        changed |= self.cache.lock().expect("not poisoned").retain(&slots);
+        changed |= self.cache.lock().expect("not poisoned").retain(&seen);
         self.rescans.fetch_add(1, Ordering::Relaxed);
         changed
     }
 
-    /// The slot of every file the directory holds.
-    fn slots(&self) -> BTreeSet<Slot> {
-        let mut slots = BTreeSet::new();
-        for de in fs::read_dir(&self.subnets).into_iter().flatten().flatten() {
-            slots.extend(self.slot_of(&de.path()));
-        }
+    /// Every file of the directory that may hold records.
+    fn files(&self) -> Vec<PathBuf> {
+        let list = |d: &Path| -> Vec<PathBuf> {
+            fs::read_dir(d)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|de| de.path())
+                .collect()
+        };
+        let mut files = list(&self.subnets);
         for kind in KINDS {
-            let root = self.dir.join(kind.plural());
-            for ns in fs::read_dir(&root).into_iter().flatten().flatten() {
-                for f in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-                    slots.extend(self.slot_of(&f.path()));
-                }
+            for ns in list(&self.dir.join(kind.plural())) {
+                files.extend(list(&ns));
             }
         }
-        slots
+        files
     }
 
     /// Everything the directory holds, read now into a fresh snapshot.
     #[cfg(test)]
     fn scanned(&self) -> Cache {
         let mut fresh = Cache::default();
-        for slot in self.slots() {
-            let v = self.read_slot(&slot);
-            fresh.set(slot, v);
+        let mut held = HashMap::new();
+        for path in self.files() {
+            for (slot, v) in self.read_file(&path, &mut held) {
+                fresh.set(slot, v);
+            }
         }
         fresh
     }
@@ -858,34 +1070,38 @@ impl Inner {
                 let Ok(files) = fs::read_dir(ns.path()) else {
                     continue; // removed meanwhile (its last object deleted)
                 };
-                for f in files.flatten() {
-                    let fname = f.file_name();
-                    let Some(fname) = fname.to_str() else {
-                        continue;
-                    };
+                // Buckets first: an object's file of one object counts only
+                // where its bucket holds no readable version of it.
+                let (buckets, loose): (Vec<_>, Vec<_>) = files
+                    .flatten()
+                    .filter_map(|f| Some((f.file_name().to_str()?.to_string(), f.path())))
+                    .partition(|(f, _)| is_bucket(f));
+                let mut from_buckets = HashSet::new();
+                for (_, path) in buckets {
+                    for obj in self.read_bucket(kind, &namespace, &path) {
+                        from_buckets.insert(obj.reference().name);
+                        snap.insert(obj);
+                    }
+                }
+                for (fname, path) in loose {
                     if fname.starts_with(TMP_PREFIX) {
                         if sweep {
-                            let _ = fs::remove_file(f.path());
+                            let _ = fs::remove_file(&path);
                         }
                         continue;
                     }
                     let Some(name) = fname.strip_suffix(".json") else {
                         continue;
                     };
-                    let Ok(data) = fs::read(f.path()) else {
+                    if from_buckets.contains(name) {
+                        continue;
+                    }
+                    let Ok(data) = fs::read(&path) else {
                         continue; // removed meanwhile
                     };
                     match decode(kind, &namespace, name, &data) {
                         Ok(obj) => snap.insert(obj),
-                        Err(msg) => {
-                            // The version is the file's mtime and size: a
-                            // fixed file that breaks again is logged again.
-                            let version = f.metadata().ok().map(|m| (m.modified().ok(), m.len()));
-                            let id = format!("{}@{version:?}", f.path().display());
-                            if self.warned.first(id) {
-                                tracing::warn!(file = %f.path().display(), "ignoring unreadable {}: {msg}", kind.singular());
-                            }
-                        }
+                        Err(msg) => self.unreadable(&path, &msg),
                     }
                 }
             }
@@ -1020,57 +1236,115 @@ impl Inner {
         }
     }
 
-    /// The stored versions of `objects` (those that exist and are
-    /// readable).
-    fn read_given(&self, objects: &[Object]) -> Snapshot {
-        // Where an apply names many objects of one namespace directory, the
-        // directory is listed once and only the files it holds are read: a
-        // first apply of 10k Services tried 20k files that were not there.
-        let mut per_dir: HashMap<(Kind, &str), usize> = HashMap::new();
-        for o in objects {
-            let (kind, ns) = match o {
-                Object::Service(s) => (Kind::Service, &s.metadata.namespace),
-                Object::EndpointSlice(e) => (Kind::EndpointSlice, &e.metadata.namespace),
-            };
-            *per_dir
-                .entry((kind, ns.as_deref().unwrap_or(DEFAULT_NAMESPACE)))
-                .or_default() += 1;
+    /// The items of the bucket at `path`, for a writer (under the lock): a
+    /// file that is not a `v1 List`, or holds an item without a name, is
+    /// refused rather than written over.
+    fn read_items(&self, path: &Path) -> StoreResult<Items> {
+        let data = match fs::read(path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Items::new()),
+            Err(e) => return Err(self.err(format!("cannot read {}", path.display()), e)),
+        };
+        let refuse = |msg: String| {
+            self.err(
+                format!("cannot update {}: {msg}; fix or remove it", path.display()),
+                std::io::Error::from(std::io::ErrorKind::InvalidData),
+            )
+        };
+        let mut items = Items::new();
+        for (i, item) in bucket_items(&data)
+            .map_err(|m| refuse(format!("not a v1 List ({m})")))?
+            .into_iter()
+            .enumerate()
+        {
+            let name = item_name(item).ok_or_else(|| refuse(format!("item {i} has no name")))?;
+            items.insert(name, item.to_owned());
         }
-        let listed: HashMap<(Kind, &str), Option<std::collections::HashSet<std::ffi::OsString>>> =
-            per_dir
-                .into_iter()
-                .filter(|(_, n)| *n >= LIST_FROM)
-                .map(|((kind, ns), _)| {
-                    let dir = self.dir.join(kind.plural()).join(ns);
-                    let names = match fs::read_dir(&dir) {
-                        Ok(rd) => Some(rd.flatten().map(|de| de.file_name()).collect()),
-                        // Not there: nothing of it is stored.
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                            Some(Default::default())
-                        }
-                        // Tried file by file.
-                        Err(_) => None,
-                    };
-                    ((kind, ns), names)
-                })
-                .collect();
-        let mut snap = Snapshot::default();
-        for o in objects {
-            let r = o.reference();
-            let path = self.object_path(&r);
-            if let Some(Some(names)) = listed.get(&(r.kind, r.namespace.as_str())) {
-                if !path.file_name().is_some_and(|f| names.contains(f)) {
-                    continue;
-                }
+        Ok(items)
+    }
+
+    /// What a writer needs of the store for `refs` (under the lock): their
+    /// stored versions, every item of their buckets, their files of one
+    /// object. Each namespace directory is listed once, and only the files
+    /// it holds are read: a first apply of 10k Services tried 20k files
+    /// that were not there.
+    fn read_stored(&self, refs: impl IntoIterator<Item = ObjectRef>) -> StoreResult<Stored> {
+        let mut listed: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
+        let mut st = Stored::default();
+        for r in refs {
+            let dir = self.dir.join(r.kind.plural()).join(&r.namespace);
+            if !listed.contains_key(&dir) {
+                let names = match fs::read_dir(&dir) {
+                    Ok(rd) => rd.flatten().map(|de| de.file_name()).collect(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
+                    Err(e) => return Err(self.err(format!("cannot list {}", dir.display()), e)),
+                };
+                listed.insert(dir.clone(), names);
             }
-            let Ok(data) = fs::read(path) else {
-                continue;
+            let names = &listed[&dir];
+            let file = bucket_file(&r.name);
+            let bucket = dir.join(&file);
+            if !st.buckets.contains_key(&bucket) {
+                let items = if names.contains(bucket.file_name().expect("a file")) {
+                    self.read_items(&bucket)?
+                } else {
+                    Items::new()
+                };
+                st.buckets.insert(bucket.clone(), items);
+            }
+            let in_bucket = st.buckets[&bucket]
+                .get(&r.name)
+                .and_then(|item| decode_item(r.kind, &r.namespace, &file, item).ok());
+            let loose = self.object_path(&r);
+            let has_loose = names.contains(loose.file_name().expect("a file"));
+            let stored = match in_bucket {
+                Some(obj) => Some(obj),
+                None if has_loose => fs::read(&loose)
+                    .ok()
+                    .and_then(|d| decode(r.kind, &r.namespace, &r.name, &d).ok()),
+                None => None,
             };
-            if let Ok(obj) = decode(r.kind, &r.namespace, &r.name, &data) {
-                snap.insert(obj);
+            if let Some(obj) = stored {
+                st.snap.insert(obj);
+            }
+            if has_loose {
+                st.loose.insert(loose);
             }
         }
-        snap
+        Ok(st)
+    }
+
+    /// Writes the buckets of `touched` as `buckets` holds them (one left
+    /// empty is removed), slices' before Services', then removes the files
+    /// of one object in `loose` (their objects are in their buckets now, or
+    /// deleted). Answers the files to read again.
+    fn write_buckets(
+        &self,
+        buckets: &BTreeMap<PathBuf, Items>,
+        touched: &BTreeSet<PathBuf>,
+        loose: &BTreeSet<PathBuf>,
+        extra: Option<(PathBuf, Vec<u8>)>,
+    ) -> StoreResult<Vec<PathBuf>> {
+        let slices_first =
+            |p: &&PathBuf| !p.starts_with(self.dir.join(Kind::EndpointSlice.plural()));
+        let mut order: Vec<&PathBuf> = touched.iter().collect();
+        order.sort_by_key(slices_first);
+        let (full, empty): (Vec<&PathBuf>, Vec<&PathBuf>) =
+            order.into_iter().partition(|p| !buckets[*p].is_empty());
+        let mut files: Vec<(PathBuf, Vec<u8>)> = full
+            .into_iter()
+            .map(|p| (p.clone(), encode_bucket(buckets[p].values().map(|b| &**b))))
+            .collect();
+        files.extend(extra);
+        self.write_files(files)?;
+        for p in empty.iter().copied().chain(loose) {
+            match fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.err(format!("cannot delete {}", p.display()), e)),
+            }
+        }
+        Ok(touched.iter().chain(loose).cloned().collect())
     }
 
     /// [`Inner::apply`], calling `before_write` under the lock between
@@ -1085,10 +1359,15 @@ impl Inner {
         let _lock = self.lock()?;
         let stored = self.read_ranges()?;
         let ranges = stored.clone().unwrap_or_else(|| fallback.clone());
+        let Stored {
+            snap: given,
+            mut buckets,
+            loose,
+        } = self.read_stored(objects.iter().map(Object::reference))?;
         // With the index, only the objects given are read; without it,
         // every Service and slice (and the index is written anew).
         let (current, taken, rebuilt) = match self.read_index() {
-            Some(t) => (self.read_given(&objects), t, false),
+            Some(t) => (given, t, false),
             None => {
                 let snap = self.snapshot(true)?;
                 let t = Taken::of(&snap.services);
@@ -1098,24 +1377,30 @@ impl Inner {
         let mut index = taken.clone();
         let plan = plan_apply_with(objects, &current, taken, &ranges)?;
         before_write();
-        // Slices are renamed into place before Services: a watcher that
-        // sees a new Service sees it with its endpoints, in one sync,
-        // instead of refusing connections to it until the slice lands.
-        let mut writes: Vec<&Object> = plan.writes.iter().collect();
-        writes.sort_by_key(|o| matches!(o, Object::Service(_)));
-        let encode_all = |part: &[&Object]| -> Vec<(PathBuf, Vec<u8>)> {
+        let encode_all = |part: &[Object]| -> Vec<(ObjectRef, Box<RawValue>)> {
             part.iter()
-                .map(|o| (self.object_path(&o.reference()), encode(o, true)))
+                .map(|o| (o.reference(), encode_raw(o)))
                 .collect()
         };
-        let mut files: Vec<(PathBuf, Vec<u8>)> =
-            map_runs(&writes, workers(writes.len()), encode_all)
-                .into_iter()
-                .flatten()
-                .collect();
-        if stored.is_none() && !files.is_empty() {
-            files.push((self.ranges_path(), encode_ranges(&ranges)));
+        let mut touched = BTreeSet::new();
+        let mut moved = BTreeSet::new();
+        for (r, item) in map_runs(&plan.writes, workers(plan.writes.len()), encode_all)
+            .into_iter()
+            .flatten()
+        {
+            let bucket = self.bucket_of(r.kind, &r.namespace, &r.name);
+            let path = self.object_path(&r);
+            if loose.contains(&path) {
+                moved.insert(path);
+            }
+            buckets
+                .get_mut(&bucket)
+                .expect("read for every object given")
+                .insert(r.name, item);
+            touched.insert(bucket);
         }
+        let ranges_file = (stored.is_none() && !touched.is_empty())
+            .then(|| (self.ranges_path(), encode_ranges(&ranges)));
         let services: Vec<(String, &Service)> = plan
             .writes
             .iter()
@@ -1126,8 +1411,10 @@ impl Inner {
             .collect();
         let services_written = !services.is_empty();
         index.replace(services);
-        let written: Vec<Slot> = files.iter().filter_map(|(p, _)| self.slot_of(p)).collect();
-        self.write_files(files)?;
+        // Slices are renamed into place before Services: a watcher that
+        // sees a new Service sees it with its endpoints, in one sync,
+        // instead of refusing connections to it until the slice lands.
+        let written = self.write_buckets(&buckets, &touched, &moved, ranges_file)?;
         if rebuilt || services_written {
             // After the objects, not synced: an index lost or stale after
             // a crash does not match its stamp, and is rebuilt.
@@ -1161,22 +1448,36 @@ impl Inner {
     }
 
     fn delete_files(&self, refs: &[ObjectRef]) -> StoreResult<Vec<bool>> {
+        let Stored {
+            mut buckets, loose, ..
+        } = self.read_stored(refs.iter().cloned())?;
+        let mut touched = BTreeSet::new();
+        let mut gone = BTreeSet::new();
         let mut out = Vec::with_capacity(refs.len());
         for r in refs {
-            let path = self.object_path(r);
-            match fs::remove_file(&path) {
-                Ok(()) => {
-                    self.refresh(self.slot_of(&path));
-                    out.push(true)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => out.push(false),
-                Err(e) => return Err(self.err(format!("cannot delete {}", path.display()), e)),
+            let bucket = self.bucket_of(r.kind, &r.namespace, &r.name);
+            let in_bucket = buckets
+                .get_mut(&bucket)
+                .and_then(|items| items.remove(&r.name))
+                .is_some();
+            if in_bucket {
+                touched.insert(bucket);
             }
+            let path = self.object_path(r);
+            let was_loose = loose.contains(&path);
+            if was_loose {
+                gone.insert(path);
+            }
+            out.push(in_bucket || was_loose);
+        }
+        let written = self.write_buckets(&buckets, &touched, &gone, None)?;
+        for path in &written {
             // Only if empty; under the lock no writer is about to use it.
             if let Some(ns) = path.parent() {
                 let _ = fs::remove_dir(ns);
             }
         }
+        self.refresh(written);
         Ok(out)
     }
 
@@ -1305,6 +1606,7 @@ impl ServiceWrites for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::encode;
     use crate::store::testing::{self, cluster_ip, objs, reg, said, small, svc, TempDir};
     use std::time::Duration;
 
@@ -1477,9 +1779,12 @@ mod tests {
         rt().block_on(async {
             let s = FileStore::open(&d.0).unwrap();
             testing::round_trip(&s).await;
-            // The API's JSON, where the module doc says.
-            let text = fs::read_to_string(d.0.join("services/default/web.json")).unwrap();
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            // The API's JSON, in a List where the module doc says.
+            let text =
+                fs::read_to_string(d.0.join("services/default").join(bucket_file("web"))).unwrap();
+            let list: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(list["kind"], "List");
+            let v = &list["items"][0];
             assert_eq!(v["kind"], "Service");
             assert_eq!(v["apiVersion"], "v1");
             assert_eq!(v["spec"]["clusterIP"], "10.96.0.1");
@@ -1611,7 +1916,31 @@ mod tests {
             br#"{"apiVersion": "v1", "kind": "Serv"#,
         )
         .unwrap();
-        fs::copy(ns.join("web.json"), ns.join("misnamed.json")).unwrap();
+        let web = &objs(testing::WEB)[0];
+        fs::write(ns.join("misnamed.json"), encode(web, true)).unwrap();
+        // In a bucket: a half-written one, one of another namespace, one
+        // whose name belongs in another bucket, an invalid one.
+        let other = |name: &str| loop {
+            let n = format!("{name}{}", TMP_COUNTER.fetch_add(1, Ordering::Relaxed));
+            if bucket_file(&n) != bucket_file("web") {
+                return n;
+            }
+        };
+        let raw = |yaml: String| encode_raw(&objs(&yaml)[0]);
+        fs::write(
+            ns.join(bucket_file("half")),
+            br#"{"kind": "List", "items": [{"#,
+        )
+        .unwrap();
+        let lost = other("lost");
+        let items = [
+            raw(format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {lost}, namespace: prod}}\n"
+            )),
+            raw(svc(&other("elsewhere"), "{}")),
+        ];
+        let lost_bucket = ns.join(bucket_file(&lost));
+        fs::write(&lost_bucket, encode_bucket(items.iter().map(|b| &**b))).unwrap();
         fs::write(
             ns.join("bad.json"),
             br#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad", "namespace": "default"}, "spec": {"ports": [{"port": 0}]}}"#,
@@ -1620,12 +1949,75 @@ mod tests {
         fs::write(ns.join(".tmp-1-1"), b"crashed writer").unwrap();
         let snap = s.inner.snapshot(false).unwrap();
         assert_eq!(snap.services.keys().collect::<Vec<_>>(), ["default/web"]);
+        assert_eq!(
+            s.inner.scanned().state(),
+            State::of(&snap),
+            "ferryd reads alike"
+        );
         assert!(ns.join(".tmp-1-1").exists(), "a reader never sweeps");
+        // A bucket a writer cannot read is not written over.
+        let err = s
+            .inner
+            .apply(objs(&svc("half", "{}")), &small())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a v1 List"), "{err}");
         s.inner.apply(objs(&svc("more", "{}")), &small()).unwrap();
         assert!(!ns.join(".tmp-1-1").exists(), "the next writer sweeps");
         // The broken files hold no address: `more` got the next free one.
         let snap = s.inner.snapshot(false).unwrap();
         assert_eq!(cluster_ip(&snap, "default/more"), "10.96.0.2");
+    }
+
+    /// A file of one object (ferry's layout before buckets) is read, loses
+    /// to its bucket, and goes when the object is written or deleted.
+    #[test]
+    fn files_of_one_object_are_read_and_moved_into_buckets() {
+        let d = TempDir::new("fs-loose");
+        let s = FileStore::open(&d.0).unwrap();
+        let ns = d.0.join("services/default");
+        fs::create_dir_all(&ns).unwrap();
+        let old = |ip: &str| encode(&objs(&svc("old", &format!("{{clusterIP: {ip}}}")))[0], true);
+        fs::write(ns.join("old.json"), old("10.96.0.3")).unwrap();
+        let ip = || cluster_ip(&s.inner.snapshot(false).unwrap(), "default/old");
+        assert_eq!(ip(), "10.96.0.3");
+        until("ferryd to read it", || {
+            *s.inner.cache.lock().unwrap() == s.inner.scanned()
+                && !s.inner.cache.lock().unwrap().state().services.is_empty()
+        });
+        // Applied again: into its bucket, the file of one object gone.
+        let applied = s
+            .inner
+            .apply(
+                objs(&svc("old", "{clusterIP: 10.96.0.3, ports: [{port: 81}]}")),
+                &small(),
+            )
+            .unwrap();
+        assert_eq!(said(&applied), ["service/default/old configured"]);
+        assert!(!ns.join("old.json").exists());
+        assert!(ns.join(bucket_file("old")).exists());
+        // Written by hand again, stale: the bucket wins, for ferryd too.
+        fs::write(ns.join("old.json"), old("10.96.0.4")).unwrap();
+        assert_eq!(ip(), "10.96.0.3");
+        until("ferryd to agree", || {
+            *s.inner.cache.lock().unwrap() == s.inner.scanned()
+        });
+        let port = |c: &Cache| {
+            c.state()
+                .services
+                .get("default/old")
+                .map(|x| format!("{x:?}"))
+        };
+        assert!(port(&s.inner.scanned()).is_some_and(|p| p.contains("81")));
+        // Deleted: both go.
+        assert_eq!(
+            s.inner.delete(&[testing::service_ref("old")]).unwrap(),
+            [true]
+        );
+        assert!(!ns.exists(), "the emptied namespace directory goes");
+        until("ferryd to see it go", || {
+            s.inner.cache.lock().unwrap().state().services.is_empty()
+        });
     }
 
     /// Holds `s`'s inotify reader (after it read the event of a write made
@@ -1715,24 +2107,51 @@ mod tests {
         let mut below = |n: u64| rng.below(n as usize) as u64;
         let svc_dir = d.0.join("services");
         let before = s.inner.rescans.load(Ordering::Relaxed);
-        for step in 0..600 {
+        // Eight names in two buckets: a bucket holds several, gains and
+        // loses them, and competes with their files of one object.
+        let names: Vec<String> = ["_00.json", "_01.json"]
+            .iter()
+            .flat_map(|b| {
+                (0..)
+                    .map(|k| format!("s{k}"))
+                    .filter(|n| bucket_file(n) == *b)
+                    .take(4)
+            })
+            .collect();
+        let service = |ns: &str, i: usize, port: u64| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": names[i], "namespace": ns},
+                "spec": {"ports": [{"port": port}]}})
+        };
+        for step in 0..900 {
             let i = below(8) as usize;
-            let (path, good) = if below(2) == 0 {
-                let e = entry(i);
-                (
-                    s.inner.path_of(e.record.subnet),
-                    serde_json::to_vec(&e).unwrap(),
-                )
-            } else {
-                let ns = ["default", "prod"][below(2) as usize];
-                let name = format!("s{i}");
-                let v = serde_json::json!({"apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": name, "namespace": ns},
-                    "spec": {"ports": [{"port": 80 + below(3)}]}});
-                (
-                    svc_dir.join(ns).join(format!("{name}.json")),
-                    serde_json::to_vec(&v).unwrap(),
-                )
+            let ns = ["default", "prod"][below(2) as usize];
+            let (path, good) = match below(3) {
+                0 => {
+                    let e = entry(i);
+                    (
+                        s.inner.path_of(e.record.subnet),
+                        serde_json::to_vec(&e).unwrap(),
+                    )
+                }
+                1 => (
+                    svc_dir.join(ns).join(format!("{}.json", names[i])),
+                    serde_json::to_vec(&service(ns, i, 80 + below(3))).unwrap(),
+                ),
+                _ => {
+                    let file = bucket_file(&names[i]);
+                    let mut items: Vec<Box<RawValue>> = Vec::new();
+                    for (j, name) in names.iter().enumerate() {
+                        if bucket_file(name) == file && below(2) == 0 {
+                            let v = service(ns, j, 80 + below(3));
+                            items.push(serde_json::value::to_raw_value(&v).unwrap());
+                        }
+                    }
+                    (
+                        svc_dir.join(ns).join(file),
+                        encode_bucket(items.iter().map(|b| &**b)),
+                    )
+                }
             };
             match below(4) {
                 0 => {

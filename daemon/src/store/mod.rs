@@ -368,17 +368,35 @@ fn encode(o: &Object, pretty: bool) -> Vec<u8> {
     }
 }
 
+/// [`encode`], compact, as one item of a list.
+fn encode_raw(o: &Object) -> Box<serde_json::value::RawValue> {
+    let v = match o {
+        Object::Service(s) => to_value(s),
+        Object::EndpointSlice(e) => to_value(e),
+    };
+    serde_json::value::to_raw_value(&v).expect("serialisable")
+}
+
 /// A stored object: the API's JSON for `kind`, named as its file or key
 /// says, and valid — what `apply` would have written. Anything else was
 /// written by hand or is half-written, and is left out.
 fn decode(kind: Kind, namespace: &str, name: &str, data: &[u8]) -> Result<Object, String> {
-    let obj = match kind {
+    checked(parse_object(kind, data)?, kind, namespace, name)
+}
+
+/// The API's JSON for `kind`, not yet checked.
+fn parse_object(kind: Kind, data: &[u8]) -> Result<Object, String> {
+    match kind {
         Kind::Service => serde_json::from_slice(data).map(|s| Object::Service(Box::new(s))),
         Kind::EndpointSlice => {
             serde_json::from_slice(data).map(|e| Object::EndpointSlice(Box::new(e)))
         }
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// `obj` if it is named as its file or key says and valid ([`decode`]).
+fn checked(obj: Object, kind: Kind, namespace: &str, name: &str) -> Result<Object, String> {
     let r = obj.reference();
     if r.namespace != namespace || r.name != name {
         return Err(format!(
