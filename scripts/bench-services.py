@@ -299,13 +299,12 @@ def live(argv):
     }))
 
 
-def timeline(argv):
-    """timeline LOG OFFSET T0_WALL_NS: for each "services synced" line ferryd
-    logged after byte OFFSET, "start_ms-end_ms(ports)" relative to T0 (the
-    log's timestamp is the end of the sync; start = end - took_ms)."""
+def syncs_logged(path, off, t0):
+    """(start_ms, end_ms, ports) of each "services synced" line ferryd logged
+    after byte OFF, relative to T0 (the log's timestamp is the end of the
+    sync, after its transaction committed; start = end - took_ms)."""
     import datetime
     import re
-    path, off, t0 = argv[0], int(argv[1]), int(argv[2])
     with open(path, "rb") as f:
         f.seek(off)
         text = f.read().decode(errors="replace")
@@ -316,12 +315,26 @@ def timeline(argv):
         m = re.match(r"(\S+)Z", line)
         took = re.search(r"took_ms=([0-9.]+)", line)
         ports = re.search(r"ports=(\d+)", line)
-        if not (m and took):
+        if not (m and took and ports):
             continue
         ts = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.timezone.utc)
         end = (ts.timestamp() * 1e9 - t0) / 1e6
-        out.append("%.0f-%.0f(%s)" % (end - float(took.group(1)), end, ports.group(1) if ports else "?"))
+        out.append((end - float(took.group(1)), end, int(ports.group(1))))
+    return out
+
+
+def timeline(argv):
+    """timeline LOG OFFSET T0_WALL_NS: "start_ms-end_ms(ports)" of each sync."""
+    out = ["%.0f-%.0f(%d)" % s for s in syncs_logged(argv[0], int(argv[1]), int(argv[2]))]
     print(" ".join(out) if out else "none")
+
+
+def synced(argv):
+    """synced LOG OFFSET T0_WALL_NS PORTS: when the first sync that left PORTS
+    ports programmed ended (ms since T0), or n/a."""
+    want = int(argv[3])
+    ends = [e for _, e, p in syncs_logged(argv[0], int(argv[1]), int(argv[2])) if p >= want]
+    print("%.1f" % ends[0] if ends else "n/a")
 
 
 def one(ip, port, timeout=2.0):
@@ -407,5 +420,5 @@ def spread(argv):
 if __name__ == "__main__":
     {
         "gen-ferry": gen_ferry, "gen-kube-proxy": gen_kube_proxy, "serve": serve,
-        "live": live, "lat": lat, "stats": stats, "timeline": timeline, "check": check, "spread": spread,
+        "live": live, "lat": lat, "stats": stats, "timeline": timeline, "synced": synced, "check": check, "spread": spread,
     }[sys.argv[1]](sys.argv[2:])
