@@ -125,6 +125,16 @@ fn decode_index(data: &[u8]) -> Option<Taken> {
     })
 }
 
+/// The paths in directory `d` (none if it cannot be listed).
+fn list(d: &Path) -> Vec<PathBuf> {
+    fs::read_dir(d)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|de| de.path())
+        .collect()
+}
+
 /// Buckets per namespace and kind.
 const BUCKETS: u64 = 256;
 
@@ -975,23 +985,28 @@ impl Inner {
         changed
     }
 
-    /// Every file of the directory that may hold records.
+    /// Every file of the directory that may hold records (a directory that
+    /// cannot be listed holds none).
     fn files(&self) -> Vec<PathBuf> {
-        let list = |d: &Path| -> Vec<PathBuf> {
-            fs::read_dir(d)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|de| de.path())
-                .collect()
-        };
         let mut files = list(&self.subnets);
+        files.extend(self.object_files().unwrap_or_default());
+        files
+    }
+
+    /// Every file in the namespace directories of Services and slices; an
+    /// error if `services/` or `endpointslices/` cannot be listed.
+    fn object_files(&self) -> StoreResult<Vec<PathBuf>> {
+        let mut files = Vec::new();
         for kind in KINDS {
-            for ns in list(&self.dir.join(kind.plural())) {
-                files.extend(list(&ns));
+            let root = self.dir.join(kind.plural());
+            let namespaces = fs::read_dir(&root)
+                .map_err(|e| self.err(format!("cannot list {}", root.display()), e))?;
+            for ns in namespaces.flatten() {
+                // Removed meanwhile (its last object deleted): nothing.
+                files.extend(list(&ns.path()));
             }
         }
-        files
+        Ok(files)
     }
 
     /// Everything the directory holds, read now into a fresh snapshot.
@@ -1047,62 +1062,28 @@ impl Inner {
         }
     }
 
-    /// Every Service and EndpointSlice. With `sweep` (only under the lock)
-    /// also removes temporaries, which then can only be a crashed writer's.
+    /// Every Service and EndpointSlice, read as ferryd reads them
+    /// ([`Inner::read_file`]). With `sweep` (only under the lock) also
+    /// removes temporaries, which then can only be a crashed writer's.
     fn snapshot(&self, sweep: bool) -> StoreResult<Snapshot> {
-        let mut snap = Snapshot::default();
         if sweep {
             self.sweep(&self.dir);
         }
-        for kind in KINDS {
-            let root = self.dir.join(kind.plural());
-            let list = |d: &Path| {
-                fs::read_dir(d).map_err(|e| self.err(format!("cannot list {}", d.display()), e))
-            };
-            for ns in list(&root)? {
-                let ns = ns.map_err(|e| self.err(format!("cannot list {}", root.display()), e))?;
-                let Some(namespace) = ns.file_name().to_str().map(str::to_string) else {
-                    continue;
-                };
-                if !ns.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
-                let Ok(files) = fs::read_dir(ns.path()) else {
-                    continue; // removed meanwhile (its last object deleted)
-                };
-                // Buckets first: an object's file of one object counts only
-                // where its bucket holds no readable version of it.
-                let (buckets, loose): (Vec<_>, Vec<_>) = files
-                    .flatten()
-                    .filter_map(|f| Some((f.file_name().to_str()?.to_string(), f.path())))
-                    .partition(|(f, _)| is_bucket(f));
-                let mut from_buckets = HashSet::new();
-                for (_, path) in buckets {
-                    for obj in self.read_bucket(kind, &namespace, &path) {
-                        from_buckets.insert(obj.reference().name);
-                        snap.insert(obj);
-                    }
-                }
-                for (fname, path) in loose {
-                    if fname.starts_with(TMP_PREFIX) {
-                        if sweep {
-                            let _ = fs::remove_file(&path);
-                        }
-                        continue;
-                    }
-                    let Some(name) = fname.strip_suffix(".json") else {
-                        continue;
-                    };
-                    if from_buckets.contains(name) {
-                        continue;
-                    }
-                    let Ok(data) = fs::read(&path) else {
-                        continue; // removed meanwhile
-                    };
-                    match decode(kind, &namespace, name, &data) {
-                        Ok(obj) => snap.insert(obj),
-                        Err(msg) => self.unreadable(&path, &msg),
-                    }
+        let mut snap = Snapshot::default();
+        let mut held = HashMap::new();
+        for path in self.object_files()? {
+            let tmp = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(TMP_PREFIX));
+            if tmp && sweep {
+                let _ = fs::remove_file(&path);
+            }
+            // A file of one object read before its bucket is replaced by the
+            // bucket's version; read after it, it is not read at all.
+            for (_, v) in self.read_file(&path, &mut held) {
+                if let Some(Value::Object(o)) = v {
+                    snap.insert(o);
                 }
             }
         }
