@@ -172,17 +172,25 @@ impl Planner {
             .filter(|a| !udp_after.contains_key(*a))
             .copied()
             .collect();
-        if !step.udp_gone.is_empty() {
-            // Another Service may still send it somewhere (an external IP
-            // two Services share): its flows stay.
-            let held: BTreeSet<(Ipv4Addr, u16)> = self
-                .udp_of
-                .values()
-                .flat_map(|u| u.iter().map(|(a, _)| *a))
-                .collect();
-            step.udp_gone.retain(|a| !held.contains(a));
-        }
+        self.drop_held(&mut step.udp_gone);
         step
+    }
+
+    /// Keeps of `gone` the UDP addresses no Service has now: another
+    /// Service may still send one somewhere (an external IP two Services
+    /// share), and its flows stay.
+    fn drop_held(&self, gone: &mut Vec<(Ipv4Addr, u16)>) {
+        if gone.is_empty() {
+            return;
+        }
+        let held: BTreeSet<(Ipv4Addr, u16)> = self
+            .udp_of
+            .values()
+            .flat_map(|u| u.iter().map(|(a, _)| *a))
+            .collect();
+        gone.retain(|a| !held.contains(a));
+        gone.sort_unstable();
+        gone.dedup();
     }
 
     /// Every UDP address and its targets (after a start or a full sync:
@@ -211,6 +219,9 @@ pub async fn run(
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When the last sync that wrote anything started.
     let mut last_write = tokio::time::Instant::now();
+    // UDP addresses that went in steps whose sync failed: the full sync
+    // after a failure cleans the addresses that remain, not these.
+    let mut gone_unsynced: Vec<(Ipv4Addr, u16)> = Vec::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
         if let Some(snap) = snap {
@@ -220,13 +231,13 @@ pub async fn run(
             let mut pl = planner.take().expect("returned after each sync");
             // Planning is CPU work on the whole state at start (10k
             // Services): off the runtime's threads, with the sync.
-            let (back, pl_back, result) = tokio::task::spawn_blocking(move || {
+            let (back, pl_back, step, result) = tokio::task::spawn_blocking(move || {
                 let step = pl.step(&snap);
                 let mut d = match dp {
                     Some(d) => d,
                     None => match Datapath::open() {
                         Ok(d) => d,
-                        Err(e) => return (None, pl, Err(e)),
+                        Err(e) => return (None, pl, step, Err(e)),
                     },
                 };
                 let r = if full {
@@ -241,7 +252,7 @@ pub async fn run(
                 if full || step.changes.elements() > TRIM_AFTER {
                     release_free_memory();
                 }
-                (Some(d), pl, r.map(|s| (s, step)))
+                (Some(d), pl, step, r)
             })
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -250,8 +261,9 @@ pub async fn run(
             let pl = planner.as_ref().expect("just set");
             let sv = &status.services;
             sv.syncs.fetch_add(1, Relaxed);
+            gone_unsynced.extend(step.udp_gone);
             match result {
-                Ok((stats, step)) => {
+                Ok(stats) => {
                     full = false;
                     sv.ports.store(pl.ports as u64, Relaxed);
                     sv.endpoints.store(pl.endpoints as u64, Relaxed);
@@ -275,7 +287,9 @@ pub async fn run(
                     } else {
                         step.udp_changed
                     };
-                    clean_udp(work, step.udp_gone).await;
+                    let mut gone = std::mem::take(&mut gone_unsynced);
+                    pl.drop_held(&mut gone);
+                    clean_udp(work, gone).await;
                     if step.health_changed || was_full {
                         let all: Vec<HealthCheck> = pl.health.values().cloned().collect();
                         checks.update(&all).await;
@@ -531,5 +545,26 @@ mod tests {
         assert_eq!(touched[1], 0);
         assert_eq!(udp[3], (1, 0), "a's endpoint replaced");
         assert_eq!(udp[5], (0, 1), "a's address gone");
+    }
+
+    /// An address that went in a step whose sync failed is cleaned after
+    /// the next sync that works, unless a Service has it again by then.
+    #[test]
+    fn gone_addresses_wait_for_a_sync_and_stay_when_held_again() {
+        let with_a = svc("a", "10.96.0.1", "UDP") + &slice("a-1", "a", &["10.244.1.5"]);
+        let without_a = svc("b", "10.96.0.2", "UDP");
+        let addr = (Ipv4Addr::new(10, 96, 0, 1), 53);
+        let mut pl = Planner::new("n1".into());
+        pl.step(&state(&with_a));
+        let gone = pl.step(&state(&without_a)).udp_gone;
+        assert_eq!(gone, vec![addr]);
+        let mut later = gone.clone();
+        pl.step(&state(&(without_a.clone() + &svc("c", "10.96.0.3", "TCP"))));
+        pl.drop_held(&mut later);
+        assert_eq!(later, vec![addr], "still gone after an unrelated step");
+        pl.step(&state(&with_a));
+        let mut back = gone;
+        pl.drop_held(&mut back);
+        assert!(back.is_empty(), "a has its address again: {back:?}");
     }
 }
