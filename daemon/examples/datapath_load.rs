@@ -1,6 +1,6 @@
 //! Times the Services datapath alone, without a store or traffic: N
 //! Services × E endpoints rendered and synced into the calling network
-//! namespace, then one endpoint change, then a full resync that finds
+//! namespace, then one endpoint change, one Service replaced by a new one, then a full resync that finds
 //! nothing to do. With a third argument S, the N Services are loaded in S
 //! growing steps first (what ferryd does while an apply's files arrive),
 //! each step's sync timed. Run it inside a namespace you made:
@@ -113,7 +113,20 @@ fn main() {
         s.took.as_secs_f64() * 1e3,
         s.requests
     );
-    let s = dp.sync(&rs2, true).expect("resync");
+    // One new Service with its endpoints (a chain, a verdict element, the
+    // endpoint elements).
+    let t = Instant::now();
+    let mut p = plan(n + 1, e, 0);
+    p.ports.swap_remove(0);
+    let rs3 = render(&p);
+    let s = dp.sync(&rs3, false).expect("one new Service");
+    println!(
+        "one new Service: render+sync {:.1} ms (sync {:.1} ms, {} requests)",
+        t.elapsed().as_secs_f64() * 1e3,
+        s.took.as_secs_f64() * 1e3,
+        s.requests
+    );
+    let s = dp.sync(&rs3, true).expect("resync");
     println!(
         "full resync, nothing to change: {:.1} ms, {} requests",
         s.took.as_secs_f64() * 1e3,
