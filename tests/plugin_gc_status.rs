@@ -135,6 +135,34 @@ fn gc_finds_masquerade_without_records() {
     assert!(host.veths().is_empty(), "{:?}", host.veths());
 }
 
+/// A GC without the list of valid attachments knows of no stale one: it
+/// removes nothing (taking it as "none is valid" would tear down every pod).
+#[test]
+fn gc_without_the_list_removes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let host = Host::new();
+    let conf = ferry_net(
+        &host,
+        "1.1.0",
+        "10.80.5.0/24",
+        None,
+        json!({"ipMasq": true}),
+    );
+    let pod = host.pod();
+    let r = host.cni(&Cni::add("a", &pod), &conf).ok();
+    host.cni(&Cni::bare("GC"), &conf).ok();
+    assert_eq!(host.veths(), vec![host_veth_name(NET, "a", "eth0")]);
+    assert_eq!(host.leases().len(), 1, "{:?}", host.leases());
+    assert_eq!(host.records().len(), 1, "{:?}", host.records());
+    let ip = result_ip(&r, false);
+    assert!(masq_has(&host, &ip), "GC removed the masquerade of {ip}");
+    pod.assert_ping("10.80.5.1");
+    host.cni(&Cni::del("a", &pod), &with_prev(&conf, &r)).ok();
+    assert!(host.veths().is_empty() && host.leases().is_empty());
+}
+
 #[test]
 fn gc_needs_cni_1_1() {
     if !require_root() {

@@ -9,7 +9,9 @@ use netlink_packet_route::AddressFamily;
 
 use crate::attachment::{self, Record, Store};
 use crate::bridge_config::{format_mac, BridgeConfig};
-use crate::cni::{CniEnv, CniError, CniOutput, CniResult, Code, Command, Interface, NetConf};
+use crate::cni::{
+    Attachment, CniEnv, CniError, CniOutput, CniResult, Code, Command, Interface, NetConf,
+};
 use crate::netlink::{Netlink, VethPair};
 use crate::netns::Netns;
 use crate::{delegate, ipam, log, nft, pod};
@@ -369,9 +371,25 @@ impl Ctx<'_> {
     }
 
     fn gc(&self) -> CniResult<()> {
-        let valid: HashSet<(String, String)> = self
-            .conf
-            .valid_attachments()?
+        match self.conf.valid_attachments()? {
+            Some(valid) => self.gc_links_and_masquerade(valid)?,
+            // Without the list no attachment is known to be stale: taking
+            // it as "none is valid" would tear down every pod.
+            None => eprintln!("ferry: GC without cni.dev/valid-attachments; nothing removed"),
+        }
+        match self.bc.ipam_type.as_str() {
+            "" => Ok(()),
+            ipam::PLUGIN_NAME => ipam::gc(self.conf),
+            other if self.delegate_speaks_1_1(other)? => {
+                delegate::exec(self.env, other, Command::Gc, self.stdin).map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Tears down every attachment of this network that is not in `valid`.
+    fn gc_links_and_masquerade(&self, valid: Vec<Attachment>) -> CniResult<()> {
+        let valid: HashSet<(String, String)> = valid
             .into_iter()
             .map(|a| (a.container_id, a.ifname))
             .collect();
@@ -395,14 +413,7 @@ impl Ctx<'_> {
                 nft::del_masq_by_key(&key).map_err(|e| nft_error("cannot remove masquerade", e))?;
             }
         }
-        match self.bc.ipam_type.as_str() {
-            "" => Ok(()),
-            ipam::PLUGIN_NAME => ipam::gc(self.conf),
-            other if self.delegate_speaks_1_1(other)? => {
-                delegate::exec(self.env, other, Command::Gc, self.stdin).map(|_| ())
-            }
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// STATUS and GC go only to delegates that know them (libcni does the

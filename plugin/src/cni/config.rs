@@ -70,14 +70,17 @@ impl NetConf {
         self.raw.get("args")?.get("cni")?.get(key)
     }
 
-    /// GC's `cni.dev/valid-attachments` (older runtimes: `cni.dev/attachments`).
-    pub fn valid_attachments(&self) -> CniResult<Vec<Attachment>> {
+    /// GC's `cni.dev/valid-attachments` (older runtimes: `cni.dev/attachments`);
+    /// `None` when the config has neither: such a GC knows of no stale
+    /// attachment, and must not take it as "none is valid".
+    pub fn valid_attachments(&self) -> CniResult<Option<Vec<Attachment>>> {
         let list = match self
             .raw
             .get("cni.dev/valid-attachments")
+            .filter(|v| !v.is_null())
             .or_else(|| self.raw.get("cni.dev/attachments"))
         {
-            None | Some(Value::Null) => return Ok(Vec::new()),
+            None | Some(Value::Null) => return Ok(None),
             Some(Value::Array(list)) => list,
             Some(_) => return Err(invalid_config("cni.dev/valid-attachments must be a list")),
         };
@@ -96,7 +99,8 @@ impl NetConf {
                     Ok(att)
                 }
             })
-            .collect()
+            .collect::<CniResult<_>>()
+            .map(Some)
     }
 }
 
@@ -125,7 +129,7 @@ mod tests {
         assert_eq!(c.name, "n1");
         assert_eq!(c.version, Version::V1_1_0);
         assert!(c.prev_result.is_none());
-        assert!(c.valid_attachments().unwrap().is_empty());
+        assert!(c.valid_attachments().unwrap().is_none());
     }
 
     #[test]
@@ -156,7 +160,7 @@ mod tests {
                 r#"{{"cniVersion":"1.1.0","name":"n","type":"t","{key}":[{{"containerID":"a","ifname":"eth0"}}]}}"#
             );
             let c = NetConf::parse(raw.as_bytes()).unwrap();
-            assert_eq!(c.valid_attachments().unwrap()[0].container_id, "a");
+            assert_eq!(c.valid_attachments().unwrap().unwrap()[0].container_id, "a");
         }
     }
 }

@@ -298,10 +298,7 @@ pub fn status(conf: &NetConf) -> CniResult<()> {
 /// `cni.dev/valid-attachments`. A GC without that list knows of no stale
 /// attachment and releases nothing (it must not wipe the network).
 pub fn gc(conf: &NetConf) -> CniResult<()> {
-    let listed = ["cni.dev/valid-attachments", "cni.dev/attachments"]
-        .iter()
-        .any(|k| conf.raw.get(*k).is_some_and(|v| !v.is_null()));
-    if !listed {
+    let Some(valid) = conf.valid_attachments()? else {
         eprintln!("ferry-ipam: GC without cni.dev/valid-attachments; nothing released");
         // Abandoned temps belong to no attachment: they go regardless (the
         // listing sweeps them).
@@ -310,8 +307,7 @@ pub fn gc(conf: &NetConf) -> CniResult<()> {
             let _ = store.list();
         }
         return Ok(());
-    }
-    let valid = conf.valid_attachments()?;
+    };
     let data_dir = config::data_dir(&conf.raw)?;
     let Some(store) = Store::existing(&data_dir, &conf.name) else {
         return Ok(());
