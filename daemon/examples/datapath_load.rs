@@ -1,9 +1,10 @@
 //! Times the Services datapath alone, without a store or traffic: N
 //! Services × E endpoints rendered and synced into the calling network
-//! namespace, then one endpoint change, one Service replaced by a new one, then a full resync that finds
-//! nothing to do. With a third argument S, the N Services are loaded in S
-//! growing steps first (what ferryd does while an apply's files arrive),
-//! each step's sync timed. Run it inside a namespace you made:
+//! namespace, then one endpoint change, one Service replaced by a new one,
+//! then a full resync that finds nothing to do. With a third argument S,
+//! the N Services are loaded in S growing steps first (what ferryd does
+//! while an apply's files arrive), each step's sync timed. Run it inside a
+//! namespace you made:
 //!
 //! ```sh
 //! ip netns add dp; ip netns exec dp target/release/examples/datapath_load 10000 5 [S]; ip netns del dp
