@@ -356,9 +356,10 @@ fn ferryd_kill_and_restart_keeps_an_established_connection() {
     // The sink takes one connection only: wait for the rule, not for an
     // answer.
     let node = &f.c.nodes[0].ns;
+    // One endpoint, no affinity: the port is in the shared pick chain's set.
     assert!(
         wait_until(Duration::from_secs(15), || node
-            .nft_keys("service-ips")
+            .nft_keys("pick-ports-1")
             .iter()
             .any(|k| k.contains(CIP))),
         "never programmed:\n{}",

@@ -45,8 +45,8 @@ use nft::reply;
 use nft::{Chain, Elem, ElemData, Hook, Nfnl, NftError, Req, SetRef, SetSpec, Table};
 
 use super::render::{
-    ep_from_data, fingerprint, Changes, Key as ElemKey, MapName, Rule, Target, View, Written,
-    AFFINITY_PREFIX, EXT_PREFIX, REJECT_CHAIN, SVC_PREFIX,
+    ep_from_data, fingerprint, pick_chain, Changes, Key as ElemKey, MapName, Rule, Target, View,
+    Written, AFFINITY_PREFIX, EXT_PREFIX, PICK_MAX, REJECT_CHAIN, SVC_PREFIX,
 };
 
 pub const TABLE: &str = "ferry-svc";
@@ -54,7 +54,7 @@ pub const TABLE: &str = "ferry-svc";
 pub const MASQ_MARK: u32 = 0x4000;
 /// The tag of the skeleton's rules: another tag (an older ferryd's layout)
 /// means the table is rebuilt.
-const SKELETON_TAG: &[u8] = b"ferry-svc skeleton v2";
+const SKELETON_TAG: &[u8] = b"ferry-svc skeleton v3";
 /// Elements per message: the element list is one netlink attribute, whose
 /// length field has 16 bits.
 const ELEMS_PER_MSG: usize = 256;
@@ -146,6 +146,9 @@ fn map_spec(m: MapName, id: u32) -> SetSpec {
         // own), and the index shows right (a mark is in host byte order,
         // as numgen writes it).
         MapName::Endpoints(_) => (cat(&[M, M, M]), 12, Some((cat(&[A, S]), 8))),
+        MapName::PickPorts(_) => (cat(&[A, P, S]), 12, None),
+        // ClusterIP . proto . port . index : endpoint.
+        MapName::PickEndpoints(_) => (cat(&[A, P, S, M]), 16, Some((cat(&[A, S]), 8))),
         MapName::ChainEndpoints => (cat(&[M, M, A, S]), 16, None),
     };
     SetSpec {
@@ -233,30 +236,61 @@ fn skeleton(b: &mut Batch) {
     }
 
     let tag = SKELETON_TAG;
+    // The shared pick chains: `daddr . l4proto . dport . numgen random
+    // mod N` in that count's endpoints map; the `services` chain sends a
+    // port there by its membership in the count's set. (The tuple is the
+    // key, not a Service's own: the kernel refuses a rule that reads a
+    // register it did not write itself, so nothing can be handed over.)
+    let mut picks = Vec::new();
+    for n in 1..=PICK_MAX {
+        let chain = pick_chain(n);
+        b.reqs.push(b.t.add_chain(&regular(&chain), true));
+        let eps = b.set(MapName::PickEndpoints(n as u8).name());
+        b.rules(
+            &chain,
+            vec![(
+                with(
+                    daddr_proto_port(),
+                    [
+                        expr::numgen_random(n, reg32(3)),
+                        expr::lookup_map(eps, reg32(0), reg32(0)),
+                        expr::dnat_v4(reg32(0), Some(reg32(1))),
+                    ],
+                ),
+                "dnat to daddr . l4proto . dport . numgen random mod N map @pick-endpoints-N",
+            )],
+            tag,
+        );
+        let ports = b.set(MapName::PickPorts(n as u8).name());
+        picks.push((
+            with(
+                daddr_proto_port(),
+                [expr::lookup(ports, reg32(0)), expr::goto(&chain)],
+            ),
+            "daddr . l4proto . dport @pick-ports-N goto pick-N",
+        ));
+    }
     let (si, np) = (
         b.set(MapName::ServiceIps.name()),
         b.set(MapName::NodePorts.name()),
     );
-    b.rules(
-        SERVICES,
-        vec![
-            (
-                with(
-                    daddr_proto_port(),
-                    [expr::lookup_map(si, reg32(0), Reg::Verdict)],
-                ),
-                "daddr . l4proto . dport vmap @service-ips",
+    picks.extend([
+        (
+            with(
+                daddr_proto_port(),
+                [expr::lookup_map(si, reg32(0), Reg::Verdict)],
             ),
-            (
-                with(
-                    local_proto_port(),
-                    [expr::lookup_map(np, reg32(0), Reg::Verdict)],
-                ),
-                "fib daddr type local l4proto . dport vmap @service-nodeports",
+            "daddr . l4proto . dport vmap @service-ips",
+        ),
+        (
+            with(
+                local_proto_port(),
+                [expr::lookup_map(np, reg32(0), Reg::Verdict)],
             ),
-        ],
-        tag,
-    );
+            "fib daddr type local l4proto . dport vmap @service-nodeports",
+        ),
+    ]);
+    b.rules(SERVICES, picks, tag);
     let (ni, nn, ci, sp) = (
         b.set(MapName::NoEndpointIps.name()),
         b.set(MapName::NoEndpointPorts.name()),
@@ -800,10 +834,16 @@ mod tests {
         assert!(what[0].starts_with("add table inet ferry-svc"));
         // Every chain is created before anything jumps to it; map elements
         // come after the chains they point to.
-        let pos = |s: &str| what.iter().position(|w| w.contains(s)).unwrap();
+        let pos = |s: &str| {
+            what.iter()
+                .position(|w| w.contains(s))
+                .unwrap_or_else(|| panic!("{s}: {what:#?}"))
+        };
         assert!(
-            pos("add chain inet ferry-svc svc-") < pos("add element inet ferry-svc service-ips")
+            pos("add chain inet ferry-svc ext-")
+                < pos("add element inet ferry-svc service-nodeports")
         );
+        assert!(pos("add chain inet ferry-svc pick-16") < pos("add rule inet ferry-svc services"));
         assert!(
             pos("add chain inet ferry-svc reject") < pos("add chain inet ferry-svc filter-output")
         );

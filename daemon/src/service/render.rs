@@ -8,13 +8,15 @@
 //! transaction):
 //!
 //! ```text
-//! map service-ips           { ipv4_addr . inet_proto . inet_service : verdict }  # ClusterIP, externalIP, LB IP
+//! set pick-ports-<N>        { ipv4_addr . inet_proto . inet_service }   # ClusterIP ports with N endpoints: goto pick-<N>
+//! map service-ips           { ipv4_addr . inet_proto . inet_service : verdict }  # the other ClusterIPs, externalIP, LB IP
 //! map service-nodeports     { inet_proto . inet_service : verdict }              # on the node's own addresses
 //! map no-endpoint-services  { ipv4_addr . inet_proto . inet_service : verdict }  # -> goto reject
 //! map no-endpoint-nodeports { inet_proto . inet_service : verdict }
 //! set cluster-ips           { ipv4_addr }            # any port of a ClusterIP not in
 //! set service-ports         { ipv4_addr . inet_proto . inet_service }  # is rejected
 //! set hairpin               { ipv4_addr . ipv4_addr } # (endpoint, endpoint) of local endpoints
+//! chain pick-<N>   { dnat to daddr . l4proto . dport . numgen random mod N map @pick-endpoints-<N> }  # shared
 //! chain svc-<hash>  { dnat to numgen random mod N map { 0 : ep0 . port, ... } }   # internal traffic
 //! chain ext-<hash>  { [ct mark set ct mark | 0x4000]; dnat ... }                  # external traffic
 //! set aff-<hash>-<timeout> { ipv4_addr : ipv4_addr . inet_service; timeout }     # ClientIP affinity
@@ -50,6 +52,16 @@ pub enum MapName {
     /// `chain key . endpoint`: the current endpoints of chains with
     /// affinity (a pinned endpoint that is gone does not count).
     ChainEndpoints,
+    /// `ClusterIP . proto . port` of the ports whose ClusterIP traffic is a
+    /// plain pick among N endpoints (N up to [`PICK_MAX`]): a rule of the
+    /// `services` chain per N sends them to the shared chain `pick-<N>`.
+    /// Such a Service has no chain and no verdict element of its own, so
+    /// adding one is not a transaction that makes the kernel validate the
+    /// whole table (a walk over every chain, ~7 ms at 10k Services).
+    PickPorts(u8),
+    /// `ClusterIP . proto . port . index : endpoint` for `pick-<N>`: one
+    /// map per N, each bound by that chain's rule alone.
+    PickEndpoints(u8),
 }
 
 impl MapName {
@@ -67,6 +79,8 @@ impl MapName {
         ]
         .into_iter()
         .chain((0..ENDPOINT_SHARDS).map(|i| MapName::Endpoints(i as u8)))
+        .chain((1..=PICK_MAX).map(|n| MapName::PickPorts(n as u8)))
+        .chain((1..=PICK_MAX).map(|n| MapName::PickEndpoints(n as u8)))
     }
 
     /// The shard of `endpoints` that holds a chain's endpoints.
@@ -85,6 +99,8 @@ impl MapName {
             MapName::Hairpin => "hairpin",
             MapName::ChainEndpoints => "chain-endpoints",
             MapName::Endpoints(i) => &SHARD_NAMES[usize::from(i)],
+            MapName::PickPorts(n) => &PICK_NAMES[usize::from(n)].0,
+            MapName::PickEndpoints(n) => &PICK_NAMES[usize::from(n)].1,
         }
     }
 }
@@ -108,10 +124,25 @@ pub const EXT_PREFIX: &str = "ext-";
 pub const AFFINITY_PREFIX: &str = "aff-";
 /// How many maps the endpoints are spread over ([`MapName::Endpoints`]).
 pub const ENDPOINT_SHARDS: u16 = 256;
+/// The largest endpoint count a shared `pick-<N>` chain serves; a Service
+/// port with more endpoints (or with affinity) gets a chain of its own.
+pub const PICK_MAX: u32 = 16;
+/// The shared chain for `count` endpoints.
+pub fn pick_chain(count: u32) -> String {
+    format!("pick-{count}")
+}
 
 static SHARD_NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
     (0..ENDPOINT_SHARDS)
         .map(|i| format!("endpoints-{i:02x}"))
+        .collect()
+});
+
+/// The names of [`MapName::PickPorts`] and [`MapName::PickEndpoints`],
+/// indexed by count; 0 is never used.
+static PICK_NAMES: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
+    (0..=PICK_MAX)
+        .map(|n| (format!("pick-ports-{n}"), format!("pick-endpoints-{n}")))
         .collect()
 });
 
@@ -592,6 +623,12 @@ pub fn endpoint_slot(key: u64, i: u32) -> Key {
     Key::of(&[&key.to_be_bytes(), &i.to_ne_bytes()])
 }
 
+/// `ClusterIP . proto . port . index` of a `pick-endpoints-<N>` map; the
+/// index in host byte order, as `numgen` writes it.
+pub fn pick_slot(at: Key, i: u32) -> Key {
+    Key::of(&[&at, &i.to_ne_bytes()])
+}
+
 /// `chain key . endpoint` of the `chain-endpoints` set.
 pub fn chain_endpoint(key: u64, ep: Ep) -> Key {
     Key::of(&[&key.to_be_bytes(), &ep_data(ep)])
@@ -669,7 +706,28 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
         Targets::Drop => Some(Target::Drop),
         Targets::Reject => None,
     };
-    let internal = path(rs, format!("{SVC_PREFIX}{h}"), &p.internal, false);
+    // ClusterIP traffic that is a plain pick goes to the shared chain for
+    // its count, through the count's set of ports.
+    let pick = match &p.internal {
+        Targets::Endpoints(eps)
+            if p.affinity.is_none()
+                && p.cluster_ips.len() == 1
+                && (1..=PICK_MAX as usize).contains(&eps.len()) =>
+        {
+            let at = ip_proto_port(p.cluster_ips[0], p.proto, p.port);
+            let n = eps.len() as u8;
+            for (i, ep) in eps.iter().enumerate() {
+                let slot = pick_slot(at, i as u32);
+                rs.put(MapName::PickEndpoints(n), slot, Target::Value(ep_data(*ep)));
+            }
+            Some(MapName::PickPorts(n))
+        }
+        _ => None,
+    };
+    let internal = match pick {
+        Some(_) => None,
+        None => path(rs, format!("{SVC_PREFIX}{h}"), &p.internal, false),
+    };
     let has_external = !p.external_ips.is_empty() || p.node_port.is_some();
     let external = if has_external {
         path(
@@ -690,9 +748,10 @@ fn render_port(p: &PortPlan, rs: &mut Ruleset) {
         );
         let key = ip_proto_port(*ip, p.proto, p.port);
         rs.put(MapName::ServicePorts, key, Target::Member);
-        match &internal {
-            Some(t) => rs.put(MapName::ServiceIps, key, t.clone()),
-            None => rs.put(MapName::NoEndpointIps, key, reject.clone()),
+        match (pick, &internal) {
+            (Some(set), _) => rs.put(set, key, Target::Member),
+            (None, Some(t)) => rs.put(MapName::ServiceIps, key, t.clone()),
+            (None, None) => rs.put(MapName::NoEndpointIps, key, reject.clone()),
         }
     }
     if has_external {
@@ -834,7 +893,10 @@ mod tests {
         let ip = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string();
         let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]).to_string();
         match map {
-            MapName::ServiceIps | MapName::NoEndpointIps | MapName::ServicePorts => {
+            MapName::ServiceIps
+            | MapName::NoEndpointIps
+            | MapName::ServicePorts
+            | MapName::PickPorts(_) => {
                 format!("{} . {} . {}", ip(&k[0..4]), k[4], port(&k[8..10]))
             }
             MapName::NodePorts | MapName::NoEndpointPorts => {
@@ -846,6 +908,13 @@ mod tests {
                 "{:016x} . {}",
                 u64::from_be_bytes(k[0..8].try_into().unwrap()),
                 u32::from_ne_bytes(k[8..12].try_into().unwrap())
+            ),
+            MapName::PickEndpoints(_) => format!(
+                "{} . {} . {} . {}",
+                ip(&k[0..4]),
+                k[4],
+                port(&k[8..10]),
+                u32::from_ne_bytes(k[12..16].try_into().unwrap())
             ),
             MapName::ChainEndpoints => format!(
                 "{:016x} . {}",
@@ -935,56 +1004,61 @@ mod tests {
             .unwrap()
             .1;
         assert_eq!(ext[0], Rule::MarkMasquerade);
-        let svc = rs
-            .chains
-            .iter()
-            .find(|(n, _)| n.starts_with(SVC_PREFIX))
-            .unwrap()
-            .1;
-        assert!(!svc.contains(&Rule::MarkMasquerade));
+        // ClusterIP traffic: a shared pick chain, which never masquerades.
+        assert_eq!(rs.chains.len(), 1, "{rs:?}");
+        assert_eq!(rs.elems[&MapName::PickPorts(1)].len(), 1);
     }
 
     #[test]
     fn diff_is_minimal_and_complete() {
         let one = Targets::Endpoints(vec![ep("10.244.1.5", 8080)]);
         let two = Targets::Endpoints(vec![ep("10.244.1.5", 8080), ep("10.244.2.5", 8080)]);
+        // b at a ClusterIP of its own.
+        let port_b = |eps: &Targets| {
+            let mut p = port("b", eps.clone(), eps.clone());
+            p.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+            p
+        };
         let a = render(&Plan {
-            ports: vec![
-                port("a", one.clone(), one.clone()),
-                port("b", one.clone(), one.clone()),
-            ],
+            ports: vec![port("a", one.clone(), one.clone()), port_b(&one)],
             health_checks: vec![],
         });
         // Same state: nothing to do.
         assert!(diff(&a.written(), &a.written()).is_empty());
-        // From nothing: everything.
+        // From nothing: everything. The kernel chains are the two external
+        // ones: ClusterIP traffic goes through the shared pick chains.
         let full = diff(&Written::default(), &a.written());
-        assert_eq!(full.write_chains.len(), 4);
-        // One endpoint added to "b": only b's two chains are rewritten.
-        let mut pb = port("b", two.clone(), two);
-        pb.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+        assert_eq!(full.write_chains.len(), 2, "{full:?}");
+        assert!(full.write_chains.iter().all(|c| c.starts_with(EXT_PREFIX)));
+        // One endpoint added to "b": only b's external chain is rewritten
+        // and gets its second slot; b's ClusterIP moves from the pick chain
+        // for one endpoint to the one for two.
         let b = render(&Plan {
-            ports: vec![port("a", one.clone(), one.clone()), pb],
+            ports: vec![port("a", one.clone(), one.clone()), port_b(&two)],
             health_checks: vec![],
         });
         let d = diff(&a.written(), &b.written());
-        assert_eq!(d.write_chains.len(), 2, "{d:?}");
-        // ... and each gets its second endpoint slot.
-        assert!(d.del_chains.is_empty() && d.elements() == 2, "{d:?}");
-        let slots: usize = d
-            .add_elems
-            .iter()
-            .filter(|(m, _)| matches!(m, MapName::Endpoints(_)))
-            .map(|(_, v)| v.len())
-            .sum();
-        assert_eq!(slots, 2);
+        assert_eq!(d.write_chains.len(), 1, "{d:?}");
+        assert!(d.del_chains.is_empty(), "{d:?}");
+        fn count<T>(m: &BTreeMap<MapName, Vec<T>>, f: fn(&MapName) -> bool) -> usize {
+            m.iter().filter(|(k, _)| f(k)).map(|(_, v)| v.len()).sum()
+        }
+        let ext_slots = |m: &MapName| matches!(m, MapName::Endpoints(_));
+        let one_pick = |m: &MapName| *m == MapName::PickEndpoints(1);
+        let two_pick = |m: &MapName| *m == MapName::PickEndpoints(2);
+        let one_port = |m: &MapName| *m == MapName::PickPorts(1);
+        let two_ports = |m: &MapName| *m == MapName::PickPorts(2);
+        assert_eq!(count(&d.add_elems, ext_slots), 1, "{d:?}");
+        assert_eq!(count(&d.del_elems, one_pick), 1, "{d:?}");
+        assert_eq!(count(&d.add_elems, two_pick), 2, "{d:?}");
+        assert_eq!(count(&d.del_elems, one_port), 1, "{d:?}");
+        assert_eq!(count(&d.add_elems, two_ports), 1, "{d:?}");
+        assert_eq!(d.elements(), 6, "{d:?}");
         // The same count of endpoints, one replaced: no chain is written,
         // only the two slots change (a delete and an add each).
         let three = Targets::Endpoints(vec![ep("10.244.1.5", 8080), ep("10.244.3.5", 8080)]);
-        let mut pc = port("b", three.clone(), three);
-        pc.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
         let c = render(&Plan {
-            ports: vec![port("a", one.clone(), one.clone()), pc],
+            ports: vec![port("a", one.clone(), one.clone()), port_b(&three)],
             health_checks: vec![],
         });
         let d = diff(&b.written(), &c.written());
@@ -996,7 +1070,7 @@ mod tests {
             health_checks: vec![],
         });
         let d = diff(&b.written(), &c.written());
-        assert_eq!(d.del_chains.len(), 4);
+        assert_eq!(d.del_chains.len(), 2);
         assert!(d.add_elems.is_empty());
         assert_eq!(
             d.elements(),
@@ -1016,8 +1090,9 @@ mod tests {
             health_checks: vec![],
         });
         let d = diff(&a.written(), &b.written());
+        // The ClusterIP leaves the pick chains' map for the verdict map.
         let key = ip_proto_port("10.96.0.10".parse().unwrap(), 6, 80);
-        assert!(d.del_elems[&MapName::ServiceIps].contains(&key));
+        assert!(d.del_elems[&MapName::PickPorts(1)].contains(&key));
         assert!(d.add_elems[&MapName::ServiceIps].contains(&(key, Target::Drop)));
     }
 
