@@ -241,7 +241,8 @@ fn skeleton(b: &mut Batch) {
     // port there by its membership in the count's set. (The tuple is the
     // key, not a Service's own: the kernel refuses a rule that reads a
     // register it did not write itself, so nothing can be handed over.)
-    let mut picks = Vec::new();
+    // The rules of `services`: the pick sets first, then the verdict maps.
+    let mut services_rules = Vec::new();
     for n in 1..=PICK_MAX {
         let chain = pick_chain(n);
         b.reqs.push(b.t.add_chain(&regular(&chain), true));
@@ -262,7 +263,7 @@ fn skeleton(b: &mut Batch) {
             tag,
         );
         let ports = b.set(MapName::PickPorts(n as u8).name());
-        picks.push((
+        services_rules.push((
             with(
                 daddr_proto_port(),
                 [expr::lookup(ports, reg32(0)), expr::goto(&chain)],
@@ -274,7 +275,7 @@ fn skeleton(b: &mut Batch) {
         b.set(MapName::ServiceIps.name()),
         b.set(MapName::NodePorts.name()),
     );
-    picks.extend([
+    services_rules.extend([
         (
             with(
                 daddr_proto_port(),
@@ -290,7 +291,7 @@ fn skeleton(b: &mut Batch) {
             "fib daddr type local l4proto . dport vmap @service-nodeports",
         ),
     ]);
-    b.rules(SERVICES, picks, tag);
+    b.rules(SERVICES, services_rules, tag);
     let (ni, nn, ci, sp) = (
         b.set(MapName::NoEndpointIps.name()),
         b.set(MapName::NoEndpointPorts.name()),
